@@ -1,0 +1,114 @@
+"""Benchmark (not a test): the default embedded chain for several seeds, from an empty cache.
+
+    python scripts/bench_embedded.py                # seeds 1 2 3, prints a table
+    python scripts/bench_embedded.py --json out.json --seeds 1 2
+
+Each seed runs `lol-rl train -m algo=alol,nll,nll_kept` with seed, sft.seed and value.seed
+set to it, so the whole chain (reference policy included) varies with the seed. Prints per
+stage wall seconds, the test reward of pi_ref, NLL, NLL on the A > 0 rows and A-LOL (mean +-
+std over seeds), the drop's precision / recall against the ground-truth bad rows, and
+whether each target of the issue is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ALGOS = ("nll", "nll_kept", "alol")
+CHAIN = ("sft", "value", "advantage", "rl", "eval_ref", "eval")
+
+
+def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
+    sweep = workdir / f"seed{seed}"
+    cmd = ["lol-rl", "train", "-m", f"algo={','.join(ALGOS)}", f"seed={seed}", f"sft.seed={seed}",
+           f"value.seed={seed}", f"hydra.sweep.dir={sweep}", *extra]
+    env = {**os.environ, "LOL_RL_CACHE": str(workdir / "cache"), "CI": "true"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    runs = {}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "eval.json").exists()):
+        algo = (job / ".hydra" / "overrides.yaml").read_text().split("algo=")[1].split()[0]
+        runs[algo] = {"eval": json.loads((job / "eval.json").read_text()),
+                      "stages": json.loads((job / "stages.json").read_text())}
+    audit_dir = Path(runs["alol"]["stages"]["advantage"]["dir"])
+    return {"runs": runs, "audit": json.loads((audit_dir / "audit.json").read_text())}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--json", type=Path, help="also write the figures as one JSON object here")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. task=toy_clean")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-") as tmp:
+        results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
+
+    # per-stage seconds of the A-LOL chain (each stage is built once per seed; later jobs reuse it)
+    stage_seconds = {}
+    for stage in CHAIN:
+        stage_seconds[stage] = [
+            max(r["runs"][a]["stages"].get(stage, {}).get("seconds", 0.0) for a in (["alol"] if stage in ("rl", "eval") else ALGOS))
+            for r in results.values()
+        ]
+    chain_seconds = [sum(stage_seconds[s][i] for s in CHAIN) for i in range(len(args.seeds))]
+    rewards = {"pi_ref": [r["runs"]["alol"]["eval"]["reference"]["reward"] for r in results.values()]}
+    for algo in ALGOS:
+        rewards[algo] = [r["runs"][algo]["eval"]["policy"]["reward"] for r in results.values()]
+    components = {name: {c: [r["runs"][name if name != "pi_ref" else "alol"]["eval"]["reference" if name == "pi_ref" else "policy"]["rewards"][c]
+                             for r in results.values()]
+                         for c in results[args.seeds[0]]["runs"]["alol"]["eval"]["policy"]["rewards"]}
+                  for name in rewards}
+    precision = [r["audit"]["drop_precision"] for r in results.values()]
+    recall = [r["audit"]["drop_recall"] for r in results.values()]
+    max_reward = 3.0
+
+    print(f"seeds: {args.seeds}")
+    print("\nwall seconds per stage (A-LOL chain)")
+    print("| stage | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
+    print("|---|" + "---|" * len(args.seeds))
+    for stage in CHAIN:
+        print(f"| {stage} | " + " | ".join(f"{v:.1f}" for v in stage_seconds[stage]) + " |")
+    print("| whole chain | " + " | ".join(f"{v:.1f}" for v in chain_seconds) + " |")
+    print("\ntest reward (mean +- std over seeds)")
+    names = list(components["pi_ref"])
+    print("| policy | reward | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for name, values in rewards.items():
+        m, s = mean_std(values)
+        cells = [f"{mean_std(components[name][c])[0]:.3f}" for c in names]
+        print(f"| {name} | {m:.3f} +- {s:.3f} | " + " | ".join(cells) + " |")
+    print(f"\ndrop precision {mean_std(precision)[0]:.3f} +- {mean_std(precision)[1]:.3f}, "
+          f"recall {mean_std(recall)[0]:.3f} +- {mean_std(recall)[1]:.3f}")
+
+    alol_m, alol_s = mean_std(rewards["alol"])
+    targets = {
+        "whole chain <= 600 s per seed": max(chain_seconds) <= 600,
+        "A-LOL > pi_ref by > 2 std": all(alol_m - mean_std(rewards["pi_ref"])[0] > 2 * s for s in (alol_s, mean_std(rewards["pi_ref"])[1])),
+        "A-LOL > NLL by > 2 std": all(alol_m - mean_std(rewards["nll"])[0] > 2 * s for s in (alol_s, mean_std(rewards["nll"])[1])),
+        "no policy at the ceiling": all(max(v) < max_reward - 0.05 for v in rewards.values()),
+        "drop precision >= 0.9": min(precision) >= 0.9,
+    }
+    print("\ntargets")
+    for name, ok in targets.items():
+        print(f"- {name}: {'met' if ok else 'MISSED'}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "seeds": args.seeds, "stage_seconds": stage_seconds, "chain_seconds": chain_seconds,
+            "rewards": rewards, "components": components, "drop_precision": precision, "drop_recall": recall,
+            "targets": targets}, indent=2))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Stage 3: the advantage cache. For every train row: R(x, y), V_ref(x), A = R - V, whether it
+is kept (A > 0), and the per-token log-probs of y under pi_ref, computed once here so that
+training runs one policy forward per step."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import encode_rows
+from .logprobs import response_logprobs, to_device
+from .models import load_policy
+from .tasks import Task
+from .value import batched_prompt_states, load_value_head, predict_values
+
+log = logging.getLogger(__name__)
+
+
+def advantages(rewards: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A = R(x, y) - V_ref(x)."""
+    return rewards - values
+
+
+def drop_precision_recall(dropped: np.ndarray, bad: np.ndarray) -> tuple[float, float]:
+    """How well dropping A <= 0 finds the truly bad rows: precision and recall of the drop."""
+    true_drops = float(np.sum(dropped & bad))
+    precision = true_drops / dropped.sum() if dropped.any() else float("nan")
+    recall = true_drops / bad.sum() if bad.any() else float("nan")
+    return precision, recall
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (ties by order): how differently A and R rank the rows."""
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def train_rewards(task: Task, examples) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rewards given in the data are used as they are; otherwise the task's components score."""
+    if all(e.reward is not None or e.rewards is not None for e in examples):
+        given = [e.reward if e.reward is not None else sum(e.rewards.values()) for e in examples]
+        return np.asarray(given, dtype=np.float64), {}
+    return task.reward.score([e.prompt for e in examples], [e.response for e in examples], ids=[e.id for e in examples])
+
+
+def reference_logprobs(model, rows, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi_ref(y_i | x, y_<i) of every row, ragged: flat (sum of lengths,) + offsets (N+1,)."""
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = to_device(rows.batch(range(start, min(start + batch_size, len(rows)))), device)
+            logprobs, mask = response_logprobs(model, batch)
+            pieces.extend(lp[m].float().cpu() for lp, m in zip(logprobs, mask))
+    lengths = torch.tensor([len(p) for p in pieces])
+    return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
+def audit(examples, rewards: np.ndarray, values: np.ndarray, adv: np.ndarray) -> dict:
+    kept = adv > 0
+    report = {
+        "rows": len(examples),
+        "kept": int(kept.sum()),
+        "dropped_fraction": float(1 - kept.mean()),
+        "mean_reward": float(rewards.mean()),
+        "mean_value": float(values.mean()),
+        "mean_positive_advantage": float(adv[kept].mean()) if kept.any() else 0.0,
+        "spearman_advantage_vs_reward": spearman(adv, rewards),
+    }
+    if all("bad" in e.meta for e in examples):
+        bad = np.array([bool(e.meta["bad"]) for e in examples])
+        precision, recall = drop_precision_recall(~kept, bad)
+        report.update(bad_fraction=float(bad.mean()), drop_precision=precision, drop_recall=recall)
+    groups = sorted({e.meta.get("skill") for e in examples if "skill" in e.meta})
+    if groups:
+        by = np.array([e.meta.get("skill") for e in examples])
+        report["by_skill"] = {
+            g: {"rows": int((by == g).sum()), "reward": float(rewards[by == g].mean()),
+                "value": float(values[by == g].mean()), "kept_fraction": float(kept[by == g].mean())}
+            for g in groups
+        }
+    return report
+
+
+def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path, metrics, device) -> None:
+    model, tokenizer = load_policy(sft_dir, device)
+    model.eval()
+    examples = task.splits["train"]
+    rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    rewards, per_component = train_rewards(task, examples)
+    states, mask = batched_prompt_states(model, rows.prompt_ids, rows.pad_id, cfg.advantage.batch_size, device)
+    values = predict_values(load_value_head(value_dir), states, mask).double().numpy()
+    adv = rewards - values
+    ref_flat, ref_offsets = reference_logprobs(model, rows, cfg.advantage.batch_size, device)
+    torch.save(
+        {"rewards": torch.from_numpy(rewards), "values": torch.from_numpy(values), "advantages": torch.from_numpy(adv),
+         "ref_logprobs": ref_flat, "ref_offsets": ref_offsets},
+        out_dir / "advantages.pt",
+    )
+    with (out_dir / "rows.jsonl").open("w", encoding="utf-8") as f:
+        for i, e in enumerate(examples):
+            f.write(json.dumps({"id": e.id, "reward": rewards[i], "value": values[i], "advantage": adv[i],
+                                "kept": bool(adv[i] > 0), "rewards": {k: float(v[i]) for k, v in per_component.items()},
+                                "meta": e.meta}) + "\n")
+    report = audit(examples, rewards, values, adv)
+    metrics.log("advantage", 0, **{k: v for k, v in report.items() if isinstance(v, (int, float))})
+    (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
+    log.info("advantage: kept %d of %d rows (dropped %.1f%%)%s", report["kept"], report["rows"],
+             100 * report["dropped_fraction"],
+             f", drop precision {report['drop_precision']:.3f} recall {report['drop_recall']:.3f}"
+             if "drop_precision" in report else "")

@@ -1,0 +1,95 @@
+"""Content-addressed stage artifacts: `<root>/<stage>/<key>/`, key = hash of exactly the config
+(and upstream keys) the stage reads. An artifact is built in a temp dir and renamed into place,
+so a directory under its key is always complete; a killed build leaves only a temp dir, which
+is ignored and cleared."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# bump when an artifact's format or meaning changes, so old artifacts are not reused
+CACHE_VERSION = 1
+
+
+def _plain(value):
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_key(stage: str, parts: dict) -> str:
+    payload = json.dumps({"stage": stage, "version": CACHE_VERSION, **_plain(parts)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StageCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.timings: dict[str, dict] = {}
+
+    def path(self, stage: str, parts: dict) -> Path:
+        return self.root / stage / config_key(stage, parts)
+
+    def _clear_stale_temps(self, stage_dir: Path, key: str) -> None:
+        for temp in stage_dir.glob(f".tmp-{key}-*"):
+            pid = int(temp.name.rsplit("-", 2)[-2])
+            if not _pid_alive(pid):
+                log.info("removing half-written %s (its process %d is gone)", temp, pid)
+                shutil.rmtree(temp, ignore_errors=True)
+
+    def stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None = None) -> Path:
+        """The artifact dir of `stage` for `parts`, building it with `build(temp_dir)` if missing."""
+        label = label or stage
+        key = config_key(stage, parts)
+        final = self.root / stage / key
+        if final.is_dir():
+            log.info("stage %-10s cached   %s (reused)", label, final)
+            self.timings[label] = {"dir": str(final), "cached": True, "seconds": 0.0}
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_temps(final.parent, key)
+        temp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir()
+        log.info("stage %-10s building %s", label, final)
+        started = time.perf_counter()
+        try:
+            (temp / "stage.json").write_text(json.dumps({"stage": stage, "key": key, **_plain(parts)}, indent=2, default=str))
+            build(temp)
+            os.rename(temp, final)
+        except OSError as err:
+            if final.is_dir():  # another process finished the same artifact first: keep theirs
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise err
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - started
+        log.info("stage %-10s done     in %.1f s", label, seconds)
+        self.timings[label] = {"dir": str(final), "cached": False, "seconds": seconds}
+        return final

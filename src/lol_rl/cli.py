@@ -1,0 +1,53 @@
+"""The `lol-rl` command.
+
+    lol-rl train                               # the embedded task, A-LOL, seed 1
+    lol-rl train task=toy algo=nll seed=2      # any config override (Hydra syntax)
+    lol-rl train -m algo=alol,nll seed=1,2,3   # a sweep; shared stages are built once
+
+Configs live in conf/ at the repository root (config.yaml lists every key).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
+COMMANDS = ("train",)
+
+
+def _train_app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from transformers.utils import logging as hf_logging
+
+    from .pipeline import run_train
+
+    hf_logging.disable_progress_bar()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def train(cfg) -> None:
+        run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+    return train
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr)
+        print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise SystemExit(f"lol-rl: no config.yaml in {CONF_DIR}; install with `pip install -e .` or set LOL_RL_CONF")
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"lol-rl {command}"
+    {"train": _train_app}[command]()()
+
+
+if __name__ == "__main__":
+    main()

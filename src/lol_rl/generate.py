@@ -1,0 +1,52 @@
+"""Batched generation: left padding, the KV cache, length-sorted batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .progress import progress_disabled
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    desc: str = "generate",
+) -> list[list[str]]:
+    """`num_samples` responses per formatted prompt (greedy when `do_sample` is False)."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    generator_seed = torch.Generator().manual_seed(seed)
+    # sort by length so each batch pads little; results are put back in prompt order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[list[str]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=progress_disabled(), leave=False):
+        chunk = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else {"do_sample": False}
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for j, i in enumerate(chunk):
+            outputs[i] = [t.strip() for t in texts[j * num_samples : (j + 1) * num_samples]]
+    return outputs

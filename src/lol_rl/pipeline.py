@@ -1,0 +1,91 @@
+"""The whole chain on one screen: sft -> value -> advantage -> rl -> eval, each stage cached
+under the hash of only the config it reads (see cache.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .advantage import run_advantage
+from .cache import StageCache
+from .evaluate import run_eval
+from .models import resolve_device
+from .tasks import Task, build_task
+from .tracking import MetricsLogger
+from .train import run_rl, run_sft
+from .value import run_value
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """The algorithm needs something the task does not provide; raised before any compute."""
+
+
+def preflight(algo_cfg, task: Task) -> None:
+    missing = [need for need in algo_cfg.needs if need not in task.provides()]
+    if missing:
+        raise PreflightError(f"{algo_cfg.name} needs {', '.join(missing)}; task {task.name} has none")
+
+
+def run_train(cfg, run_dir: Path) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = build_task(cfg.task)
+    preflight(cfg.algo, task)
+    device = resolve_device(cfg.device)
+    cache = StageCache(cfg.cache_dir)
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
+                            run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
+                            config=OmegaConf.to_container(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    data = {"task": cfg.task, "data": task.fingerprint(), "model": cfg.model}
+
+    sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
+    advantage = None
+    if set(cfg.algo.needs) & {"advantage", "reference", "reward"}:
+        value = cache.stage("value", {**data, "sft": sft.name, "value": cfg.value, "generation": cfg.generation},
+                            lambda out: run_value(cfg, task, sft, out, metrics, device))
+        advantage = cache.stage("advantage", {**data, "sft": sft.name, "value": value.name},
+                                lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
+    rl = cache.stage("rl", {**data, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
+                            "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
+                     lambda out: run_rl(cfg, task, sft, advantage, out, metrics, device))
+    evaluation = {"task": cfg.task, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
+    ref_eval = cache.stage("eval", {**evaluation, "policy": f"sft/{sft.name}"},
+                           lambda out: run_eval(cfg, task, sft, out, device), label="eval_ref")
+    policy_eval = cache.stage("eval", {**evaluation, "policy": f"rl/{rl.name}"},
+                              lambda out: run_eval(cfg, task, rl / "policy", out, device), label="eval")
+
+    results = {
+        "reference": json.loads((ref_eval / "metrics.json").read_text()),
+        "policy": json.loads((policy_eval / "metrics.json").read_text()),
+    }
+    atomic_write(run_dir / "eval.json", json.dumps(results, indent=2))
+    atomic_write(run_dir / "stages.json", json.dumps(cache.timings, indent=2))
+    metrics.close()
+    print(format_table({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
+    return results
+
+
+def atomic_write(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A markdown table: total and per-component test reward, length, distinct-1/2/3."""
+    components = list(next(iter(rows.values()))["rewards"])
+    header = ["policy", "reward", *components, "length", "distinct-1/2/3", "n"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in rows.items():
+        cells = [name, f"{m['reward']:.3f}", *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
+                 "/".join(f"{d:.3f}" for d in m["distinct"]), str(m["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

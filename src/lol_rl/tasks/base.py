@@ -1,0 +1,121 @@
+"""The common row every task loads into, and the validated reader for data files."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row and the key."""
+
+
+@dataclass
+class Example:
+    """One row: a prompt, one logged response, and what else the source has.
+
+    `reward`/`rewards` are given by the data (used as they are) or left None (the task's
+    reward components score the response). `rejected` is a worse response to the same
+    prompt (a preference pair with `response` as the chosen one); `ranking` is a list of
+    responses ordered best first.
+    """
+
+    id: str
+    prompt: str
+    response: str
+    reward: float | None = None
+    rewards: dict[str, float] | None = None
+    rejected: str | None = None
+    ranking: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+REQUIRED = ("prompt", "response")
+OPTIONAL = ("id", "reward", "rewards", "rejected", "ranking", "meta")
+
+
+def _finite_reward(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise DataError(f"{where}: reward must be finite, got {value!r}")
+    return float(value)
+
+
+def parse_row(raw: Any, where: str, index: int) -> Example:
+    """Validate one decoded json object into an Example; `where` is 'file:line' for messages."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; expected {list(REQUIRED + OPTIONAL)}")
+    for key in REQUIRED:
+        if key not in raw:
+            raise DataError(f"{where}: missing key '{key}'")
+        if not isinstance(raw[key], str):
+            raise DataError(f"{where}: key '{key}' must be a string, got {type(raw[key]).__name__}")
+        if not raw[key].strip():
+            raise DataError(f"{where}: key '{key}' is empty")
+    reward = _finite_reward(raw["reward"], f"{where}: key 'reward'") if "reward" in raw else None
+    rewards = None
+    if "rewards" in raw:
+        if not isinstance(raw["rewards"], dict) or not raw["rewards"]:
+            raise DataError(f"{where}: key 'rewards' must be a non-empty object of name: number")
+        rewards = {k: _finite_reward(v, f"{where}: key 'rewards.{k}'") for k, v in raw["rewards"].items()}
+    rejected = raw.get("rejected")
+    if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
+        raise DataError(f"{where}: key 'rejected' must be a non-empty string")
+    ranking = raw.get("ranking")
+    if ranking is not None and (
+        not isinstance(ranking, list) or len(ranking) < 2
+        or not all(isinstance(r, str) and r.strip() for r in ranking)
+    ):
+        raise DataError(f"{where}: key 'ranking' must be a list of 2 or more non-empty strings")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: key 'meta' must be an object")
+    return Example(
+        id=str(raw.get("id", index)), prompt=raw["prompt"], response=raw["response"],
+        reward=reward, rewards=rewards, rejected=rejected, ranking=ranking, meta=meta,
+    )
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read and validate a jsonl file of rows; the first bad row stops with file:line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples, seen = [], {}
+    with path.open("rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+            example = parse_row(raw, where, index=len(examples))
+            if example.id in seen:
+                raise DataError(f"{where}: duplicate id {example.id!r} (first at line {seen[example.id]})")
+            seen[example.id] = line_no
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def write_jsonl(path: str | Path, examples: list[Example]) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")

@@ -1,0 +1,191 @@
+"""The one offline training loop (SFT is this loop with the NLL loss), and the sft/rl stages.
+
+Per step: draw a batch (uniformly, or with replacement in proportion to a priority weight),
+one policy forward for the response log-probs, the algorithm's loss, one optimizer step.
+Reference log-probs come from the advantage cache; the loop never names an algorithm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .data import TokenizedRows, encode_prompts, encode_rows
+from .evaluate import score_generations
+from .logprobs import response_logprobs, to_device
+from .losses import LOSSES
+from .models import initial_policy, load_policy, save_policy
+from .progress import progress_disabled
+from .tasks import Task
+from .tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows `indices` of a ragged tensor stored as `flat` + `offsets` (N+1,), right-padded with 0."""
+    lengths = offsets[indices + 1] - offsets[indices]
+    width = int(lengths.max())
+    out = torch.zeros((len(indices), width), dtype=flat.dtype)
+    for row, (start, length) in enumerate(zip(offsets[indices].tolist(), lengths.tolist())):
+        out[row, :length] = flat[start : start + length]
+    return out
+
+
+class BatchSource:
+    """Draws training batches over a subset of rows: the token batch plus per-row tensors."""
+
+    def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
+                 weights: torch.Tensor | None, batch_size: int, seed: int):
+        self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
+        self.keep = keep
+        self.weights = None if weights is None else weights[keep].double()
+        if self.weights is not None and not (self.weights > 0).any():
+            raise ValueError("every sampling weight is zero: no row to train on")
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.weights is None:
+            picks = torch.randint(len(self.keep), (self.batch_size,), generator=self.generator)
+        else:
+            picks = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        indices = self.keep[picks]
+        batch = self.rows.batch(indices.tolist())
+        for name, tensor in self.row_tensors.items():
+            batch[name] = tensor[indices]
+        for name, (flat, offsets) in self.ragged.items():
+            batch[name] = ragged_rows(flat, offsets, indices)
+        return indices, batch
+
+
+def call_loss(loss_fn: Callable, params: dict, tensors: dict[str, torch.Tensor]):
+    """Call a loss with the tensors its signature names (the loop knows no algorithm)."""
+    wanted = [p.name for p in inspect.signature(loss_fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        raise ValueError(f"loss {loss_fn.__name__} needs {missing}, which this run does not provide")
+    return loss_fn(**{name: tensors[name] for name in wanted}, **params)
+
+
+def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
+             metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None) -> dict:
+    """Run `opt_cfg.steps` optimizer steps; validate every `val_interval` steps and call
+    `on_best(model, step, score)` when the validation score improves."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
+                              num_training_steps=opt_cfg.steps)
+    best = {"score": -math.inf, "step": 0}
+    running: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    bar = tqdm(range(1, opt_cfg.steps + 1), desc=stage, disable=progress_disabled())
+    for step in bar:
+        model.train()
+        _, batch = source.sample()
+        batch = to_device(batch, device)
+        logprobs, mask = response_logprobs(model, batch)
+        loss, loss_metrics = call_loss(loss_fn, dict(loss_params), {**batch, "logprobs": logprobs, "mask": mask})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **loss_metrics}.items():
+            running[name] = running.get(name, 0.0) + value.detach().float()
+        if step % opt_cfg.log_interval == 0 or step == opt_cfg.steps:
+            n = opt_cfg.log_interval if step % opt_cfg.log_interval == 0 else step % opt_cfg.log_interval
+            row = {name: (value / n).item() for name, value in running.items()}
+            running.clear()
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            metrics.log(stage, step, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started, **row)
+        if validate is not None and (step % opt_cfg.val_interval == 0 or step == opt_cfg.steps):
+            score, details = validate(model)
+            metrics.log(f"{stage}/validation", step, reward=score, **details)
+            if score > best["score"]:
+                best = {"score": score, "step": step}
+                if on_best is not None:
+                    on_best(model, step, score)
+    return {"best_validation_reward": best["score"], "best_step": best["step"], "steps": opt_cfg.steps,
+            "seconds": time.perf_counter() - started}
+
+
+def run_sft(cfg, task: Task, out_dir: Path, metrics: MetricsLogger, device) -> None:
+    """Stage 1: pi_ref = the initial model NLL-trained on the train split's logged responses."""
+    torch.manual_seed(cfg.sft.seed)
+    train = task.splits["train"]
+    texts = [task.format_prompt(e.prompt) + " " + e.response for e in train]
+    model, tokenizer = initial_policy(cfg.model, texts)
+    model.to(device)
+    rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed)
+    summary = optimize(model, source, LOSSES["nll"], {}, cfg.sft, device=device, stage="sft", metrics=metrics)
+    save_policy(model, tokenizer, out_dir)
+    summary.update(truncated_prompts=rows.truncated_prompts, truncated_responses=rows.truncated_responses)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def make_validator(task: Task, tokenizer, cfg) -> Callable:
+    """Greedy generation on a bounded set of validation prompts, scored by the task reward."""
+    examples = task.splits["validation"][: cfg.rl.val_prompts]
+    prompts = [e.prompt for e in examples]
+    formatted = [task.format_prompt(p) for p in prompts]
+
+    def validate(model) -> tuple[float, dict]:
+        responses = [r[0] for r in generate_fn(model, tokenizer, formatted, cfg)]
+        scores, _, _ = score_generations(task, examples, responses)
+        return scores["reward"], {f"reward/{k}": v for k, v in scores["rewards"].items()} | {"length": scores["length"]}
+
+    return validate
+
+
+def generate_fn(model, tokenizer, formatted_prompts, cfg, **kwargs):
+    from .generate import generate
+
+    return generate(model, tokenizer, formatted_prompts, max_new_tokens=cfg.generation.max_new_tokens,
+                    batch_size=cfg.generation.batch_size, **kwargs)
+
+
+def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
+           device) -> None:
+    """Stage 4: offline RL from pi_ref with the configured algorithm; best checkpoint by
+    validation reward is saved to `out_dir/policy`."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(sft_dir, device)
+    rows = encode_rows(tokenizer, task, task.splits["train"], cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    row_tensors, ragged = {}, {}
+    keep = torch.arange(len(rows))
+    weights = None
+    if advantage_dir is not None:
+        cache = torch.load(advantage_dir / "advantages.pt", weights_only=True)
+        lengths = torch.tensor([len(r) for r in rows.response_ids])
+        if not torch.equal(cache["ref_offsets"].diff(), lengths):
+            raise RuntimeError(f"{advantage_dir}: cached reference log-probs do not match this tokenization")
+        row_tensors = {"advantages": cache["advantages"].float(), "rewards": cache["rewards"].float()}
+        ragged = {"ref_logprobs": (cache["ref_logprobs"], cache["ref_offsets"])}
+        if cfg.algo.keep == "positive_advantage":
+            keep = torch.nonzero(cache["advantages"] > 0).squeeze(-1)
+        if cfg.algo.sampling in ("advantage", "reward"):
+            weights = row_tensors[{"advantage": "advantages", "reward": "rewards"}[cfg.algo.sampling]].clamp(min=0)
+    elif cfg.algo.keep != "all" or cfg.algo.sampling != "uniform":
+        raise ValueError(f"algo {cfg.algo.name} keeps/samples by advantage or reward but no advantage stage ran")
+    log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s",
+             cfg.algo.name, len(keep), len(rows), len(keep) / len(rows), cfg.algo.sampling)
+    source = BatchSource(rows, row_tensors, ragged, keep, weights, cfg.rl.batch_size, cfg.seed)
+
+    def save_best(model, step, score):
+        save_policy(model, tokenizer, out_dir / "policy")
+        (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
+
+    summary = optimize(model, source, LOSSES[cfg.algo.loss], cfg.algo.params, cfg.rl, device=device, stage="rl",
+                       metrics=metrics, validate=make_validator(task, tokenizer, cfg), on_best=save_best)
+    summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
