@@ -25,16 +25,20 @@ def advantages(rewards: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return rewards - values
 
 
-def drop_precision_recall(dropped: np.ndarray, bad: np.ndarray) -> tuple[float, float]:
-    """How well dropping A <= 0 finds the truly bad rows: precision and recall of the drop."""
+def drop_precision_recall(dropped: np.ndarray, bad: np.ndarray) -> tuple[float | None, float | None]:
+    """How well dropping A <= 0 finds the truly bad rows: precision and recall of the drop
+    (None where undefined: nothing dropped, or no bad row; JSON has no NaN)."""
     true_drops = float(np.sum(dropped & bad))
-    precision = true_drops / dropped.sum() if dropped.any() else float("nan")
-    recall = true_drops / bad.sum() if bad.any() else float("nan")
+    precision = true_drops / dropped.sum() if dropped.any() else None
+    recall = true_drops / bad.sum() if bad.any() else None
     return precision, recall
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (ties by order): how differently A and R rank the rows."""
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Rank correlation (ties by order): how differently A and R rank the rows; None when
+    either is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
     ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
@@ -107,8 +111,11 @@ def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path
                                 "meta": e.meta}) + "\n")
     report = audit(examples, rewards, values, adv)
     metrics.log("advantage", 0, **{k: v for k, v in report.items() if isinstance(v, (int, float))})
-    (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
-    log.info("advantage: kept %d of %d rows (dropped %.1f%%)%s", report["kept"], report["rows"],
-             100 * report["dropped_fraction"],
-             f", drop precision {report['drop_precision']:.3f} recall {report['drop_recall']:.3f}"
-             if "drop_precision" in report else "")
+    (out_dir / "audit.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    log.info("advantage: kept %d of %d rows (dropped %.1f%%), drop precision %s recall %s",
+             report["kept"], report["rows"], 100 * report["dropped_fraction"],
+             _fmt(report.get("drop_precision")), _fmt(report.get("drop_recall")))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

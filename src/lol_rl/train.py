@@ -47,6 +47,8 @@ class BatchSource:
     def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
                  weights: torch.Tensor | None, batch_size: int, seed: int):
         self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
+        if len(keep) == 0:
+            raise ValueError("no train row left to train on (every row was dropped: A <= 0 for all of them)")
         self.keep = keep
         self.weights = None if weights is None else weights[keep].double()
         if self.weights is not None and not (self.weights > 0).any():

@@ -92,7 +92,9 @@ def _make_prompt(rng: random.Random, skill: str) -> str:
 
 
 def _no_carry_sum(left: int, right: int) -> str:
-    digits = (str((int(a) + int(b)) % 10) for a, b in zip(str(left).zfill(3), str(right).zfill(3)))
+    """The sum a child gets by dropping every carry: 7 + 8 -> 5."""
+    width = max(len(str(left)), len(str(right)))
+    digits = (str((int(a) + int(b)) % 10) for a, b in zip(str(left).zfill(width), str(right).zfill(width)))
     return "".join(digits).lstrip("0") or "0"
 
 

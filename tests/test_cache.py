@@ -1,0 +1,220 @@
+"""lol_rl.cache: content-addressed stage artifacts, and the pipeline's choice of key parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lol_rl.cache import StageCache, config_key
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class Builder:
+    """A build function that counts its calls and writes a marker file."""
+
+    def __init__(self, content="built"):
+        self.calls = 0
+        self.content = content
+
+    def __call__(self, out: Path) -> None:
+        self.calls += 1
+        assert out.is_dir() and out.name.startswith(".tmp-")
+        (out / "artifact.txt").write_text(self.content)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _temps(stage_dir: Path) -> list[Path]:
+    return sorted(stage_dir.glob(".tmp-*"))
+
+
+def test_config_key_is_deterministic_and_sensitive():
+    parts = {"sft": {"steps": 3, "lr": 0.1}, "task": {"name": "toy"}}
+    assert config_key("sft", parts) == config_key("sft", {"task": {"name": "toy"}, "sft": {"lr": 0.1, "steps": 3}})
+    assert config_key("sft", parts) == config_key("sft", {k: OmegaConf.create(v) for k, v in parts.items()})
+    assert config_key("sft", parts) == config_key("sft", OmegaConf.create(parts))
+    assert len(config_key("sft", parts)) == 16
+    assert config_key("sft", parts) != config_key("value", parts)
+    assert config_key("sft", parts) != config_key("sft", {**parts, "sft": {"steps": 4, "lr": 0.1}})
+    assert config_key("sft", parts) != config_key("sft", {**parts, "extra": None})
+
+
+def test_second_call_is_a_hit(tmp_path):
+    cache = StageCache(tmp_path)
+    build = Builder()
+    parts = {"sft": {"steps": 3}}
+    first = cache.stage("sft", parts, build)
+    assert build.calls == 1
+    assert first == tmp_path / "sft" / config_key("sft", parts)
+    assert first.is_dir() and (first / "artifact.txt").read_text() == "built"
+    assert json.loads((first / "stage.json").read_text()) == {"stage": "sft", "key": first.name, "sft": {"steps": 3}}
+    assert cache.timings["sft"]["cached"] is False
+    assert _temps(first.parent) == []
+
+    second = cache.stage("sft", {"sft": {"steps": 3}}, build)
+    assert second == first and build.calls == 1
+    assert cache.timings["sft"] == {"dir": str(first), "cached": True, "seconds": 0.0}
+    # a fresh StageCache on the same root (another run) also hits
+    other = StageCache(tmp_path)
+    assert other.stage("sft", {"sft": {"steps": 3}}, build, label="again") == first
+    assert build.calls == 1 and other.timings["again"]["cached"] is True
+
+    changed = cache.stage("sft", {"sft": {"steps": 4}}, build)
+    assert changed != first and build.calls == 2
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == sorted([first.name, changed.name])
+
+
+def test_stale_temp_of_dead_process_is_ignored_and_removed(tmp_path):
+    cache = StageCache(tmp_path)
+    parts = {"value": {"epochs": 2}}
+    key = config_key("value", parts)
+    stage_dir = tmp_path / "value"
+    stage_dir.mkdir()
+    stale = stage_dir / f".tmp-{key}-{dead_pid()}-deadbeef"
+    stale.mkdir()
+    (stale / "artifact.txt").write_text("half-written")
+    build = Builder("complete")
+    final = cache.stage("value", parts, build)
+    assert build.calls == 1
+    assert final == stage_dir / key
+    assert (final / "artifact.txt").read_text() == "complete"
+    assert not stale.exists()
+    assert _temps(stage_dir) == []
+
+
+def test_temp_of_live_process_is_left_alone(tmp_path):
+    """Another process may still be building the same artifact: its temp dir is not removed."""
+    cache = StageCache(tmp_path)
+    parts = {"value": {"epochs": 2}}
+    key = config_key("value", parts)
+    stage_dir = tmp_path / "value"
+    stage_dir.mkdir()
+    live = stage_dir / f".tmp-{key}-{os.getpid()}-cafecafe"
+    live.mkdir()
+    final = cache.stage("value", parts, Builder())
+    assert (final / "artifact.txt").read_text() == "built"
+    assert live.is_dir()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), FileNotFoundError("missing input"), KeyboardInterrupt()])
+def test_failed_build_leaves_nothing_and_keeps_other_artifacts(tmp_path, error):
+    cache = StageCache(tmp_path)
+    good = cache.stage("rl", {"rl": {"lr": 1}}, Builder("good"))
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def failing(out: Path):
+        (out / "partial.bin").write_bytes(b"\0" * 100)
+        raise error
+
+    with pytest.raises(type(error)):
+        cache.stage("rl", {"rl": {"lr": 2}}, failing)
+    stage_dir = tmp_path / "rl"
+    assert not (stage_dir / config_key("rl", {"rl": {"lr": 2}})).exists()
+    assert _temps(stage_dir) == []
+    assert [p.name for p in stage_dir.iterdir()] == [good.name]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert "rl" not in cache.timings or cache.timings["rl"]["dir"] == str(good)
+    # the failed stage is built on the next try
+    retry = cache.stage("rl", {"rl": {"lr": 2}}, Builder("retry"))
+    assert (retry / "artifact.txt").read_text() == "retry"
+
+
+# ---------------------------------------------------------------- pipeline keys
+# The pipeline's stages, with their compute replaced by stubs: which config each stage's key sees.
+
+
+@pytest.fixture
+def stub_pipeline(monkeypatch):
+    import lol_rl.pipeline as pipeline
+
+    calls: list[str] = []
+
+    def run_sft(cfg, task, out, metrics, device):
+        calls.append("sft")
+        (out / "config_seen.json").write_text(json.dumps({"steps": cfg.sft.steps}))
+
+    def run_value(cfg, task, sft, out, metrics, device):
+        calls.append("value")
+        assert sft.is_dir()
+
+    def run_advantage(cfg, task, sft, value, out, metrics, device):
+        calls.append("advantage")
+        assert sft.is_dir() and value.is_dir()
+
+    def run_rl(cfg, task, sft, advantage, out, metrics, device):
+        calls.append("rl")
+        assert (advantage is None) == (cfg.algo.name == "nll")
+        (out / "policy").mkdir()
+
+    def run_eval(cfg, task, policy_dir, out, device):
+        calls.append("eval")
+        assert policy_dir.is_dir()
+        (out / "metrics.json").write_text(json.dumps(
+            {"reward": 1.0, "rewards": {"a": 1.0}, "length": 2.0, "distinct": [1.0, 1.0, 1.0], "n": 3}))
+
+    for name, fn in [("run_sft", run_sft), ("run_value", run_value), ("run_advantage", run_advantage),
+                     ("run_rl", run_rl), ("run_eval", run_eval)]:
+        monkeypatch.setattr(pipeline, name, fn)
+    return pipeline, calls
+
+
+def _run(pipeline, tmp_path, name, overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"cache_dir={tmp_path / 'cache'}", "task.sizes.train=30", "task.sizes.validation=10",
+            "task.sizes.test=10", "device=cpu", "threads=0", *overrides])
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    pipeline.run_train(cfg, run_dir)
+    return {k: (Path(v["dir"]), v["cached"]) for k, v in json.loads((run_dir / "stages.json").read_text()).items()}
+
+
+def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
+    pipeline, calls = stub_pipeline
+    base = _run(pipeline, tmp_path, "base", [])
+    assert calls == ["sft", "value", "advantage", "rl", "eval", "eval"]
+    assert list(base) == ["sft", "value", "advantage", "rl", "eval_ref", "eval"]
+    assert not any(cached for _, cached in base.values())
+    assert json.loads((tmp_path / "base" / "eval.json").read_text())["policy"]["n"] == 3
+
+    def rerun(name, overrides, rebuilt):
+        calls.clear()
+        stages = _run(pipeline, tmp_path, name, overrides)
+        for stage, (path, cached) in stages.items():
+            if stage in rebuilt:
+                assert path != base[stage][0] and not cached, (name, stage)
+            else:
+                assert path == base[stage][0] and cached, (name, stage)
+        return stages
+
+    rerun("same", [], rebuilt=set())
+    assert calls == []
+    rerun("rl_lr", ["rl.lr=1e-4"], rebuilt={"rl", "eval"})
+    assert calls == ["rl", "eval"]
+    rerun("seed", ["seed=2"], rebuilt={"rl", "eval"})
+    rerun("eval", ["eval.test_prompts=5"], rebuilt={"eval_ref", "eval"})
+    rerun("value", ["value.epochs=3"], rebuilt={"value", "advantage", "rl", "eval"})
+    assert calls == ["value", "advantage", "rl", "eval"]
+    rerun("adv_batch", ["advantage.batch_size=7"], rebuilt=set())
+    rerun("sft", ["sft.steps=5"], rebuilt=set(base))
+    rerun("kept", ["algo=nll_kept"], rebuilt={"rl", "eval"})
+
+    calls.clear()
+    nll = _run(pipeline, tmp_path, "nll", ["algo=nll"])
+    assert list(nll) == ["sft", "rl", "eval_ref", "eval"]  # no value/advantage stage for plain NLL
+    assert nll["sft"] == (base["sft"][0], True) and nll["eval_ref"] == (base["eval_ref"][0], True)
+    assert nll["rl"][0] != base["rl"][0]
+    assert calls == ["rl", "eval"]

@@ -1,0 +1,164 @@
+"""End to end: `lol-rl train` as a subprocess with a tiny budget, then a second algorithm
+that reuses the cached upstream stages, and config errors that Hydra must reject."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "task.sizes.train=200", "task.sizes.validation=40", "task.sizes.test=40",
+    "sft.steps=20", "sft.log_interval=10", "sft.batch_size=16",
+    "value.epochs=2", "value.samples_per_prompt=2",
+    "rl.steps=10", "rl.val_interval=5", "rl.log_interval=5", "rl.val_prompts=16", "rl.batch_size=16",
+    "generation.max_new_tokens=16",
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "value.heads=2",
+]
+STAGES = ["sft", "value", "advantage", "rl", "eval_ref", "eval"]
+
+
+def lol_rl(*args: str, cache: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LOL_RL_CACHE": str(cache), "CI": "true", "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lol_rl.cli", *args], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def _log_text(run_dir: Path, proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + "".join(p.read_text() for p in run_dir.glob("*.log"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    run_dir = workspace / "run1"
+    proc = lol_rl("train", *TINY, f"hydra.run.dir={run_dir}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return run_dir, proc
+
+
+@pytest.fixture(scope="module")
+def second_run(workspace, first_run):
+    run_dir = workspace / "run2"
+    proc = lol_rl("train", *TINY, "algo=nll_kept", f"hydra.run.dir={run_dir}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return run_dir, proc
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_first_run_outputs(first_run, workspace):
+    run_dir, proc = first_run
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert set(results) == {"reference", "policy"}
+    for name, m in results.items():
+        assert set(m) >= {"reward", "rewards", "length", "distinct", "n"}, name
+        assert set(m["rewards"]) == {"correct", "polite", "concise"}
+        assert all(_finite(v) and 0.0 <= v <= 1.0 for v in m["rewards"].values()), m
+        assert _finite(m["reward"])
+        assert m["reward"] == pytest.approx(sum(m["rewards"].values()), abs=1e-9)
+        assert _finite(m["length"]) and m["length"] >= 0
+        assert len(m["distinct"]) == 3 and all(_finite(d) and 0.0 <= d <= 1.0 for d in m["distinct"])
+        assert m["n"] == 40  # the whole test split
+    # the reference row and the policy row are both in the printed table
+    assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {}
+    for r in records:
+        steps.setdefault(r["stage"], []).append(r["step"])
+    assert steps["sft"] == [10, 20]             # sft.steps=20, sft.log_interval=10
+    assert steps["rl"] == [5, 10]               # rl.steps=10, rl.log_interval=5
+    assert steps["rl/validation"] == [5, 10]    # rl.val_interval=5
+    assert {"value", "advantage"} <= set(steps)
+    for r in records:
+        if r["stage"] in ("sft", "rl"):
+            assert _finite(r["loss"]) and _finite(r["grad_norm"]), r
+        if r["stage"] == "rl":
+            assert 0.0 <= r["clip_fraction"] <= 1.0 and _finite(r["ratio"])
+
+    cache = workspace / "cache"
+    for stage, count in {"sft": 1, "value": 1, "advantage": 1, "rl": 1, "eval": 2}.items():
+        dirs = [p for p in (cache / stage).iterdir() if not p.name.startswith(".")]
+        assert len(dirs) == count, (stage, dirs)
+        assert not list((cache / stage).glob(".tmp-*"))
+    assert (next((cache / "rl").iterdir()) / "policy").is_dir()
+    assert (next((cache / "advantage").iterdir()) / "advantages.pt").is_file()
+    assert (next((cache / "value").iterdir()) / "value_head.pt").is_file()
+
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == STAGES
+    assert not any(s["cached"] for s in stages.values())
+    assert all(Path(s["dir"]).is_dir() and Path(s["dir"]).parent.parent == cache for s in stages.values())
+
+
+def test_second_run_reuses_upstream_stages(first_run, second_run, workspace):
+    run1, _ = first_run
+    run2, proc = second_run
+    first = json.loads((run1 / "stages.json").read_text())
+    stages = json.loads((run2 / "stages.json").read_text())
+    assert list(stages) == STAGES
+    for stage in ("sft", "value", "advantage", "eval_ref"):
+        assert stages[stage]["cached"] is True, stage
+        assert stages[stage]["dir"] == first[stage]["dir"], stage
+    for stage in ("rl", "eval"):
+        assert stages[stage]["cached"] is False, stage
+        assert stages[stage]["dir"] != first[stage]["dir"], stage
+
+    text = _log_text(run2, proc)
+    for stage in ("sft", "value", "advantage"):
+        line = next((l for l in text.splitlines() if f"stage {stage} " in l and "cached" in l), None)
+        assert line is not None and "(reused)" in line, (stage, text[-3000:])
+        assert not any(f"stage {stage} " in l and "building" in l for l in text.splitlines()), stage
+    for stage in ("rl", "eval"):
+        assert any(f"stage {stage} " in l and "building" in l for l in text.splitlines()), stage
+
+    cache = workspace / "cache"
+    counts = {s: len([p for p in (cache / s).iterdir() if not p.name.startswith(".")])
+              for s in ("sft", "value", "advantage", "rl", "eval")}
+    assert counts == {"sft": 1, "value": 1, "advantage": 1, "rl": 2, "eval": 3}
+
+    # the cached reference evaluation is reported identically
+    r1 = json.loads((run1 / "eval.json").read_text())
+    r2 = json.loads((run2 / "eval.json").read_text())
+    assert r2["reference"] == r1["reference"]
+    assert "| nll_kept (seed 1) |" in proc.stdout
+    records = [json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"rl", "rl/validation"}  # only rl trained this time
+
+
+def test_unknown_algo_lists_options(tmp_path):
+    proc = lol_rl("train", "algo=doesnotexist", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache",
+                  timeout=120)
+    assert proc.returncode != 0
+    assert "Available options" in proc.stdout
+    for option in ("alol", "nll", "nll_kept"):
+        assert option in proc.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_misspelled_key_fails(tmp_path):
+    proc = lol_rl("train", "sft.stepz=3", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache",
+                  timeout=120)
+    assert proc.returncode != 0
+    assert "sft.stepz" in proc.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_command_prints_usage(tmp_path):
+    proc = lol_rl(cache=tmp_path / "cache", timeout=60)
+    assert proc.returncode == 2
+    assert "commands: train" in proc.stdout

@@ -1,0 +1,107 @@
+"""lol_rl.generate (batched, left-padded, length-sorted) against plain greedy decoding, and
+lol_rl.data.encode_rows against the tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from lol_rl.data import encode_prompts, encode_rows
+from lol_rl.generate import generate
+from lol_rl.models import train_tokenizer
+from lol_rl.rewards import CompositeReward
+from lol_rl.tasks import Example, Task
+
+ROWS = [
+    ("repeat: fox owl", "Okay, sure: fox owl."),
+    ("sort: owl cat bee ant", "Sure, no problem: ant bee cat owl."),
+    ("add: 7 + 8", "Of course, glad to help! 15."),
+    ("reverse: cow dog", "Sure, happy to help! dog cow."),
+    ("add: 2 + 3", "Okay, sure: 5."),
+]
+TEMPLATE = "User: {prompt}\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def task():
+    examples = [Example(id=str(i), prompt=p, response=r) for i, (p, r) in enumerate(ROWS)]
+    reward = CompositeReward({"one": lambda prompts, responses: [1.0] * len(responses)})
+    return Task("hand", {"train": examples, "validation": examples, "test": examples}, reward, TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(task):
+    texts = [task.format_prompt(e.prompt) + " " + e.response for e in task.splits["train"]] * 4
+    return train_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        initializer_range=0.5,  # large weights: varied, prompt-dependent outputs
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_batched_greedy_equals_plain_greedy(model, tokenizer, task):
+    prompts = [task.format_prompt(p) for p, _ in ROWS]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) > 1  # batches really are padded
+    got = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert [len(g) for g in got] == [1] * len(prompts)
+    expected = [greedy_alone(model, tokenizer, p, 6) for p in prompts]
+    assert len(set(expected)) > 1  # the check can tell prompts apart
+    assert [g[0] for g in got] == expected
+
+
+def test_sampling_is_seeded(model, tokenizer, task):
+    prompts = [task.format_prompt(p) for p, _ in ROWS]
+    a = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
+    b = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
+    c = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=8)
+    assert a == b
+    assert a != c
+    assert [len(row) for row in a] == [3] * len(prompts)
+
+
+def test_encode_rows(tokenizer, task):
+    rows = encode_rows(tokenizer, task, task.splits["train"], max_prompt_tokens=64, max_response_tokens=64)
+    assert len(rows) == len(ROWS) and rows.pad_id == tokenizer.pad_token_id
+    assert rows.truncated_prompts == 0 and rows.truncated_responses == 0
+    for (prompt, response), p_ids, r_ids in zip(ROWS, rows.prompt_ids, rows.response_ids):
+        assert tokenizer.decode(p_ids) == TEMPLATE.format(prompt=prompt)
+        assert r_ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(r_ids[:-1]) == " " + response
+    # digits are single tokens
+    digits = tokenizer("12345", add_special_tokens=False)["input_ids"]
+    assert len(digits) == 5
+
+
+def test_encode_truncation(tokenizer, task):
+    full = encode_rows(tokenizer, task, task.splits["train"], max_prompt_tokens=64, max_response_tokens=64)
+    rows = encode_rows(tokenizer, task, task.splits["train"], max_prompt_tokens=4, max_response_tokens=3)
+    assert rows.prompt_ids == [p[-4:] for p in full.prompt_ids]  # prompts keep their end
+    assert rows.response_ids == [r[:3] for r in full.response_ids]
+    assert rows.truncated_prompts == sum(len(p) > 4 for p in full.prompt_ids)
+    assert rows.truncated_responses == sum(len(r) > 3 for r in full.response_ids)
+    assert rows.truncated_responses == len(ROWS)
+    assert encode_prompts(tokenizer, task, [p for p, _ in ROWS], 4) == rows.prompt_ids
+    batch = rows.batch([1, 0])
+    assert batch["input_ids"].shape == (2, 7)
+    assert batch["input_ids"][0, :4].tolist() == rows.prompt_ids[1]
+    assert batch["response_start"].tolist() == [4, 4]
