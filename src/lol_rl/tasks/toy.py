@@ -9,13 +9,14 @@ Why it is hard enough to tell methods apart (EMBEDDED.md's lessons):
 - rewards are graded: correctness gives partial credit position by position, politeness is
   a real sentiment scorer (VADER) that grades the five good openers differently, and
   conciseness decays with extra words;
-- the skills differ in difficulty (pi_ref repeats well and adds badly), so V(x) matters
-  and the advantage ranks rows differently from the reward;
+- prompts differ in difficulty (short lists and sums without a carry are easy; lists of
+  five or more words and sums that carry are hard, and there the data's majority is a
+  systematic wrong answer), so V(x) matters and the advantage ranks rows differently from
+  the reward;
 - bad rows are not all separable by reward: a lazy or slightly wrong answer keeps most of
   its correctness, a rambling tail raises politeness while it costs conciseness;
 - the most frequent good opener is the least polite one, so dropping bad rows alone
-  (NLL on A > 0 rows) does not reach the best responses, and no policy of ~1M parameters
-  gets every addition right, which leaves headroom for every method.
+  (NLL on A > 0 rows) does not reach the best responses, which leaves headroom.
 """
 
 from __future__ import annotations
