@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lol_rl.losses import LOSSES, alol, clipped_ratio, nll, sequence_logprob
+from lol_rl.losses import LOSSES, alol, importance_weight, nll, sequence_logprob
 
 JUNK = -9.0  # a value at padding positions: it must never count
 
@@ -73,7 +73,7 @@ def test_alol_value_and_metrics_by_hand():
     assert metrics["ratio"].item() == pytest.approx(sum(RATIO) / 3.0, rel=1e-9)
     assert metrics["clip_fraction"].item() == pytest.approx(2.0 / 3.0)
     assert metrics["logprob"].item() == pytest.approx(-8.0 / 3.0)
-    assert metrics["advantage"].item() == pytest.approx(3.5 / 3.0)
+    assert metrics["weight"].item() == pytest.approx(3.5 / 3.0)
     for name, value in metrics.items():
         assert value.dim() == 0, name
         assert not value.requires_grad, name
@@ -81,7 +81,8 @@ def test_alol_value_and_metrics_by_hand():
 
 def test_clipped_ratio_is_sequence_level_clamped_and_detached():
     lp, mask, ref, _ = _tensors()
-    weight, ratio = clipped_ratio(lp, ref, mask, EPS)
+    ratio = importance_weight(lp, ref, mask)
+    weight = ratio.clamp(1 - EPS, 1 + EPS)
     assert ratio.tolist() == pytest.approx(RATIO, rel=1e-9)
     assert weight.tolist() == pytest.approx(CLIPPED, rel=1e-9)
     assert not weight.requires_grad and not ratio.requires_grad

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import encode_rows
+from .data import RESPONSE, encode_rows
 from .logprobs import response_logprobs, to_device
 from .models import load_policy
 from .tasks import Task
@@ -51,12 +51,22 @@ def train_rewards(task: Task, examples) -> tuple[np.ndarray, dict[str, np.ndarra
     return task.reward.score([e.prompt for e in examples], [e.response for e in examples], ids=[e.id for e in examples])
 
 
-def reference_logprobs(model, rows, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log pi_ref(y_i | x, y_<i) of every row, ragged: flat (sum of lengths,) + offsets (N+1,)."""
+def ranking_rewards(task: Task, examples) -> np.ndarray:
+    """R(x, y) of every ranked response (N, K), scored by the task's reward."""
+    n_ranked = len(examples[0].ranking)
+    prompts = [e.prompt for e in examples for _ in range(n_ranked)]
+    total, _ = task.reward.score(prompts, [r for e in examples for r in e.ranking],
+                                 ids=[e.id for e in examples for _ in range(n_ranked)])
+    return total.reshape(len(examples), n_ranked)
+
+
+def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPONSE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi_ref(y_i | x, y_<i) of one response group of every row, ragged:
+    flat (sum of lengths,) + offsets (N+1,)."""
     pieces = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = to_device(rows.batch(range(start, min(start + batch_size, len(rows)))), device)
+            batch = to_device(rows.batch(range(start, min(start + batch_size, len(rows))), [group]), device)
             logprobs, mask = response_logprobs(model, batch)
             pieces.extend(lp[m].float().cpu() for lp, m in zip(logprobs, mask))
     lengths = torch.tensor([len(p) for p in pieces])
@@ -98,12 +108,14 @@ def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path
     states, mask = batched_prompt_states(model, rows.prompt_ids, rows.pad_id, cfg.advantage.batch_size, device)
     values = predict_values(load_value_head(value_dir), states, mask).double().numpy()
     adv = rewards - values
-    ref_flat, ref_offsets = reference_logprobs(model, rows, cfg.advantage.batch_size, device)
-    torch.save(
-        {"rewards": torch.from_numpy(rewards), "values": torch.from_numpy(values), "advantages": torch.from_numpy(adv),
-         "ref_logprobs": ref_flat, "ref_offsets": ref_offsets},
-        out_dir / "advantages.pt",
-    )
+    tensors = {"rewards": torch.from_numpy(rewards), "values": torch.from_numpy(values),
+               "advantages": torch.from_numpy(adv)}
+    for group in rows.groups:  # the logged response, and the rejected / ranked ones where the task has them
+        tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
+            model, rows, cfg.advantage.batch_size, device, group)
+    if all(e.ranking is not None for e in examples):
+        tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
+    torch.save(tensors, out_dir / "advantages.pt")
     with (out_dir / "rows.jsonl").open("w", encoding="utf-8") as f:
         for i, e in enumerate(examples):
             f.write(json.dumps({"id": e.id, "reward": rewards[i], "value": values[i], "advantage": adv[i],

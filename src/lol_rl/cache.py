@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 # bump when an artifact's format or meaning changes, so old artifacts are not reused
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _plain(value):

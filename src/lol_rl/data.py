@@ -1,14 +1,23 @@
-"""Tokenized rows and padded batches: one place where prompts and responses become ids."""
+"""Tokenized rows and padded batches: one place where prompts and responses become ids.
+
+A row has one or more response groups: `response` (the logged one), `rejected` (of a
+preference pair) and `ranking/0..K-1` (a ranking, best first). A batch stacks the groups a
+loss needs along the batch axis, so all of them go through the policy in one forward.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .logprobs import pad_batch
 from .tasks import Example, Task
+
+RESPONSE = "response"
+REJECTED = "rejected"
+RANKING = "ranking"
 
 
 @dataclass
@@ -18,12 +27,53 @@ class TokenizedRows:
     pad_id: int
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    extra_responses: dict[str, list[list[int]]] = field(default_factory=dict)  # rejected, ranking/k
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        return pad_batch([self.prompt_ids[i] for i in indices], [self.response_ids[i] for i in indices], self.pad_id)
+    @property
+    def groups(self) -> list[str]:
+        return [RESPONSE, *self.extra_responses]
+
+    def group(self, name: str) -> list[list[int]]:
+        return self.response_ids if name == RESPONSE else self.extra_responses[name]
+
+    def expand(self, names: Sequence[str]) -> list[str]:
+        """Group names with `ranking` expanded to `ranking/0..K-1`; unknown names raise."""
+        expanded = []
+        for name in names:
+            members = [g for g in self.groups if g == name or g.startswith(f"{name}/")]
+            if not members:
+                raise ValueError(f"response group {name!r} is not in the data (have {self.groups})")
+            expanded.extend(members)
+        return expanded
+
+    def batch(self, indices: Sequence[int], groups: Sequence[str] = (RESPONSE,)) -> dict[str, torch.Tensor]:
+        """Rows `indices` of each group in turn: G * len(indices) sequences, group-major."""
+        prompts = [self.prompt_ids[i] for _ in groups for i in indices]
+        responses = [self.group(g)[i] for g in groups for i in indices]
+        return pad_batch(prompts, responses, self.pad_id)
+
+
+def tensor_prefix(group: str) -> str:
+    """The name prefix a loss sees for a group: logprobs, rejected_logprobs, ranking_logprobs."""
+    return "" if group == RESPONSE else f"{group.split('/')[0]}_"
+
+
+def split_groups(tensors: dict[str, torch.Tensor], groups: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """(G*B, ...) tensors -> per-group names; ranking groups stacked into (B, K, ...)."""
+    out: dict[str, torch.Tensor] = {}
+    ranked: dict[str, list[torch.Tensor]] = {}
+    for g, group in enumerate(groups):
+        for name, tensor in tensors.items():
+            part = tensor[g * batch_size : (g + 1) * batch_size]
+            if group.startswith(f"{RANKING}/"):
+                ranked.setdefault(f"{RANKING}_{name}", []).append(part)
+            else:
+                out[tensor_prefix(group) + name] = part
+    out.update({name: torch.stack(parts, dim=1) for name, parts in ranked.items()})
+    return out
 
 
 def encode_prompts(tokenizer, task: Task, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -32,15 +82,28 @@ def encode_prompts(tokenizer, task: Task, prompts: Sequence[str], max_prompt_tok
     return [row[-max_prompt_tokens:] for row in ids]
 
 
-def encode_rows(tokenizer, task: Task, examples: Sequence[Example], max_prompt_tokens: int, max_response_tokens: int) -> TokenizedRows:
-    """Prompt ids and response ids (a leading space, then EOS) of every example."""
-    full_prompts = tokenizer([task.format_prompt(e.prompt) for e in examples], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([" " + e.response for e in examples], add_special_tokens=False)["input_ids"]
+def _encode_responses(tokenizer, texts: Sequence[str], max_response_tokens: int) -> tuple[list[list[int]], int]:
+    ids = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
+    return [(r + [eos])[:max_response_tokens] for r in ids], sum(len(r) + 1 > max_response_tokens for r in ids)
+
+
+def encode_rows(tokenizer, task: Task, examples: Sequence[Example], max_prompt_tokens: int, max_response_tokens: int) -> TokenizedRows:
+    """Prompt ids and response ids (a leading space, then EOS) of every example; the
+    rejected and ranked responses too where every example has them."""
+    full_prompts = tokenizer([task.format_prompt(e.prompt) for e in examples], add_special_tokens=False)["input_ids"]
+    responses, truncated = _encode_responses(tokenizer, [e.response for e in examples], max_response_tokens)
+    extra = {}
+    if all(e.rejected is not None for e in examples):
+        extra[REJECTED], _ = _encode_responses(tokenizer, [e.rejected for e in examples], max_response_tokens)
+    if all(e.ranking is not None for e in examples) and len({len(e.ranking) for e in examples}) == 1:
+        for k in range(len(examples[0].ranking)):
+            extra[f"{RANKING}/{k}"], _ = _encode_responses(tokenizer, [e.ranking[k] for e in examples], max_response_tokens)
     return TokenizedRows(
         prompt_ids=[p[-max_prompt_tokens:] for p in full_prompts],
-        response_ids=[(r + [eos])[:max_response_tokens] for r in responses],
+        response_ids=responses,
         pad_id=tokenizer.pad_token_id,
         truncated_prompts=sum(len(p) > max_prompt_tokens for p in full_prompts),
-        truncated_responses=sum(len(r) + 1 > max_response_tokens for r in responses),
+        truncated_responses=truncated,
+        extra_responses=extra,
     )

@@ -1,18 +1,25 @@
 """One pure function per offline objective (PAPER.md, "Objectives"); a registry by name.
 
-Every loss takes response-aligned tensors, all (B, R) or (B,):
-  logprobs      log pi_theta(y_i | x, y_<i), with gradient, 0 at padding
-  mask          True on response tokens
-  ref_logprobs  log pi_ref(y_i | x, y_<i), cached, no gradient
-  advantages    A = R(x, y) - V_ref(x)
-  rewards       R(x, y)
-and returns (scalar loss, metrics), metrics being detached 0-d tensors (no sync per step).
-The training loop passes each function the tensors its signature names.
+Tensors a loss may take, by name (B rows, R response tokens, K ranked responses):
+  logprobs, mask            (B, R) log pi_theta(y_i | x, y_<i) of the logged response, with
+                            gradient, 0 at padding; mask True on response tokens
+  ref_logprobs              (B, R) the same under pi_ref, cached, no gradient
+  advantages, rewards       (B,)   A = R(x, y) - V_ref(x) and R(x, y)
+  rejected_*                (B, R) the same three for the rejected response of a pair
+  ranking_logprobs/_mask    (B, K, R) every response of a ranking, best first
+  ranking_rewards           (B, K)
+Each returns (scalar loss, metrics), metrics being detached 0-d tensors (no sync per step).
+The training loop passes each function exactly the tensors its signature names.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# log-ratios are clamped before exp() so that a gap of +-50 nats cannot overflow; any clip
+# range in use lies far inside e^{+-20}
+MAX_LOG_RATIO = 20.0
 
 
 def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -20,36 +27,147 @@ def sequence_logprob(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (logprobs * mask).sum(-1)
 
 
-def clipped_ratio(logprobs, ref_logprobs, mask, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The detached sequence importance weight pi_theta(y|x)/pi_ref(y|x), clamped to
-    [1-eps, 1+eps], and the unclipped one. A >= 0, so a plain clamp does (no PPO min)."""
+def importance_weight(logprobs, ref_logprobs, mask) -> torch.Tensor:
+    """pi_theta(y|x) / pi_ref(y|x) from summed token log-probs, detached."""
     log_ratio = sequence_logprob(logprobs.detach() - ref_logprobs, mask)
-    # clamp the log-ratio first so that a gap of +-50 nats cannot overflow exp()
-    ratio = log_ratio.clamp(-20.0, 20.0).exp()
-    return ratio.clamp(1.0 - eps, 1.0 + eps), ratio
+    return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
 
 
-def nll(logprobs: torch.Tensor, mask: torch.Tensor):
+def _clip_metrics(ratio: torch.Tensor, eps: float, valid: torch.Tensor | None = None) -> dict:
+    clipped = ((ratio < 1.0 - eps) | (ratio > 1.0 + eps)).float()
+    if valid is None:
+        return {"ratio": ratio.mean(), "clip_fraction": clipped.mean()}
+    n = valid.sum().clamp(min=1)
+    return {"ratio": (ratio * valid).sum() / n, "clip_fraction": (clipped * valid).sum() / n}
+
+
+def nll(logprobs, mask):
     """NLL of the logged responses: -lp(y), mean over the batch."""
     lp = sequence_logprob(logprobs, mask)
     return -lp.mean(), {"logprob": lp.detach().mean()}
 
 
-def alol(logprobs, mask, ref_logprobs, advantages, *, eps: float):
-    """A-LOL (PAPER.md eq. 5): -A * clip(pi_theta/pi_ref, 1-eps, 1+eps) * lp(y).
-
-    The weight is detached, so the gradient is clip(r) * A * grad(-lp(y)).
-    """
-    weight, ratio = clipped_ratio(logprobs, ref_logprobs, mask, eps)
+def weighted_nll(logprobs, mask, weights):
+    """-w * lp(y): the gradient of lp(y) scaled by a per-row weight (no importance ratio)."""
     lp = sequence_logprob(logprobs, mask)
-    loss = -(advantages * weight * lp).mean()
-    clipped = (ratio < 1.0 - eps) | (ratio > 1.0 + eps)
-    return loss, {
-        "logprob": lp.detach().mean(),
-        "ratio": ratio.mean(),
-        "clip_fraction": clipped.float().mean(),
-        "advantage": advantages.mean(),
-    }
+    return -(weights * lp).mean(), {"logprob": lp.detach().mean(), "weight": weights.mean()}
 
 
-LOSSES = {"nll": nll, "alol": alol}
+def clipped_policy_gradient(logprobs, mask, ref_logprobs, weights, eps: float):
+    """-w * clip(pi_theta/pi_ref, 1-eps, 1+eps) * lp(y), the ratio detached: its gradient is
+    clip(r) * w * grad(-lp(y)). w >= 0, so a plain clamp does (no PPO min)."""
+    ratio = importance_weight(logprobs, ref_logprobs, mask)
+    lp = sequence_logprob(logprobs, mask)
+    loss = -(weights * ratio.clamp(1.0 - eps, 1.0 + eps) * lp).mean()
+    return loss, {"logprob": lp.detach().mean(), "weight": weights.mean(), **_clip_metrics(ratio, eps)}
+
+
+def wbc(logprobs, mask, rewards):
+    """Weighted behaviour cloning: reward-weighted NLL, -R * lp(y) (R-LOL with r = 1)."""
+    return weighted_nll(logprobs, mask, rewards)
+
+
+def rlol(logprobs, mask, ref_logprobs, rewards, *, eps: float):
+    """R-LOL (PAPER.md eq. 4): -R * clip(pi_theta/pi_ref, 1-eps, 1+eps) * lp(y)."""
+    return clipped_policy_gradient(logprobs, mask, ref_logprobs, rewards, eps)
+
+
+def alol(logprobs, mask, ref_logprobs, advantages, *, eps: float):
+    """A-LOL (PAPER.md eq. 5): -A * clip(pi_theta/pi_ref, 1-eps, 1+eps) * lp(y)."""
+    return clipped_policy_gradient(logprobs, mask, ref_logprobs, advantages, eps)
+
+
+def alol_ref_free(logprobs, mask, advantages):
+    """A-LOL ref-free: the ratio set to 1, -A * lp(y)."""
+    return weighted_nll(logprobs, mask, advantages)
+
+
+def alol_seq(logprobs, mask, ref_logprobs, advantages, *, eps: float):
+    """A-LOL seq: per-token ratios, each detached and clipped on its own,
+    -A * sum_i clip(pi_theta(y_i|..)/pi_ref(y_i|..), 1-eps, 1+eps) * log pi_theta(y_i|..)."""
+    ratio = (logprobs.detach() - ref_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    weighted = sequence_logprob(ratio.clamp(1.0 - eps, 1.0 + eps) * logprobs, mask)
+    loss = -(advantages * weighted).mean()
+    metrics = _clip_metrics(ratio, eps, valid=mask.float())
+    return loss, {"logprob": sequence_logprob(logprobs.detach(), mask).mean(), "weight": advantages.mean(), **metrics}
+
+
+def alol_kl(logprobs, mask, ref_logprobs, advantages, *, beta: float):
+    """A-LOL KL (PAPER.md eq. 6, as the paper's code computes it):
+    mean(-A * lp(y)) + beta * mean(lp(y) - lp_ref(y)), a sampled log-ratio on the data."""
+    lp = sequence_logprob(logprobs, mask)
+    kl = (lp - sequence_logprob(ref_logprobs, mask)).mean()
+    pg = -(advantages * lp).mean()
+    return pg + beta * kl, {"logprob": lp.detach().mean(), "weight": advantages.mean(), "kl": kl.detach(),
+                            "pg_loss": pg.detach()}
+
+
+def gold(logprobs, mask, rewards, *, u: float):
+    """Reward GOLD: -R * sum_i max(pi_theta(y_i|..), u) * log pi_theta(y_i|..), the token
+    weight detached and bounded below by u for stability."""
+    token_weight = logprobs.detach().exp().clamp(min=u)
+    weighted = sequence_logprob(token_weight * logprobs, mask)
+    loss = -(rewards * weighted).mean()
+    n = mask.sum().clamp(min=1)
+    return loss, {"logprob": sequence_logprob(logprobs.detach(), mask).mean(), "weight": rewards.mean(),
+                  "token_weight": (token_weight * mask).sum() / n}
+
+
+def _preference(chosen_lp, rejected_lp, chosen_ref_lp, rejected_ref_lp, beta: float):
+    """-log sigmoid(beta * ((lp_w - lp_ref_w) - (lp_l - lp_ref_l))) (Rafailov et al. 2023, eq. 7)."""
+    chosen_reward = beta * (chosen_lp - chosen_ref_lp)
+    rejected_reward = beta * (rejected_lp - rejected_ref_lp)
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"margin": margin.detach().mean(), "accuracy": (margin.detach() > 0).float().mean(),
+                  "chosen_reward": chosen_reward.detach().mean(), "rejected_reward": rejected_reward.detach().mean()}
+
+
+def dpo(logprobs, mask, ref_logprobs, rejected_logprobs, rejected_mask, rejected_ref_logprobs, *, beta: float):
+    """DPO over (response, rejected) pairs with cached reference log-probs."""
+    return _preference(
+        sequence_logprob(logprobs, mask), sequence_logprob(rejected_logprobs, rejected_mask),
+        sequence_logprob(ref_logprobs, mask), sequence_logprob(rejected_ref_logprobs, rejected_mask), beta,
+    )
+
+
+def dpo_ref_free(logprobs, mask, rejected_logprobs, rejected_mask, *, beta: float):
+    """DPO without the reference terms: -log sigmoid(beta * (lp_w - lp_l))."""
+    zero = torch.zeros(logprobs.shape[0], device=logprobs.device)
+    return _preference(sequence_logprob(logprobs, mask), sequence_logprob(rejected_logprobs, rejected_mask),
+                       zero, zero, beta)
+
+
+def pro(ranking_logprobs, ranking_mask, ranking_rewards, *, sft_weight: float):
+    """PRO (Song et al. 2024) as the paper's code runs it: length-normalised scores s_k; for
+    each rank k a softmax of the candidates k..K-1 with reward-difference temperatures,
+    -log [exp(s_k t_k) / (exp(s_k t_k) + sum_{j>k} exp(s_j (r_k - r_j)))], t_k = max_j (r_k - r_j);
+    plus sft_weight * (K-1)^2 * NLL of the best response (index 0)."""
+    summed = sequence_logprob(ranking_logprobs, ranking_mask)  # (B, K)
+    scores = summed / ranking_mask.sum(-1).clamp(min=1)
+    n_ranked = scores.shape[1]
+    ranking_loss = scores.new_zeros(())
+    for k in range(n_ranked - 1):
+        temperatures = ranking_rewards[:, k : k + 1] - ranking_rewards[:, k + 1 :]  # (B, K-k-1)
+        top = temperatures.max(dim=1).values
+        logits = torch.cat([(scores[:, k] * top)[:, None], scores[:, k + 1 :] * temperatures], dim=1)
+        ranking_loss = ranking_loss + (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    sft_loss = -summed[:, 0].mean()
+    loss = ranking_loss + sft_weight * (n_ranked - 1) ** 2 * sft_loss
+    return loss, {"ranking_loss": ranking_loss.detach(), "sft_loss": sft_loss.detach(),
+                  "best_first": (scores.detach().argmax(dim=1) == 0).float().mean()}
+
+
+LOSSES = {
+    "nll": nll,
+    "wbc": wbc,
+    "gold": gold,
+    "rlol": rlol,
+    "alol": alol,
+    "alol_ref_free": alol_ref_free,
+    "alol_seq": alol_seq,
+    "alol_kl": alol_kl,
+    "dpo": dpo,
+    "dpo_ref_free": dpo_ref_free,
+    "pro": pro,
+}

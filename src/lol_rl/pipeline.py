@@ -27,10 +27,24 @@ class PreflightError(ValueError):
     """The algorithm needs something the task does not provide; raised before any compute."""
 
 
+NEEDS = {
+    "advantage": "advantages (a reward for every train row and validation prompts)",
+    "reference": "reference log-probs",
+    "reward": "rewards",
+    "preferences": "preference pairs",
+    "ranking": "rankings of the same length",
+    "ground_truth": "ground-truth bad-row flags",
+}
+
+
 def preflight(algo_cfg, task: Task) -> None:
-    missing = [need for need in algo_cfg.needs if need not in task.provides()]
+    """Refuse, before any compute, an algorithm whose needs the task's data does not meet."""
+    unknown = [need for need in algo_cfg.needs if need not in NEEDS]
+    if unknown:
+        raise PreflightError(f"algo {algo_cfg.name}: unknown need(s) {unknown}; valid: {sorted(NEEDS)}")
+    missing = [NEEDS[need] for need in algo_cfg.needs if need not in task.provides()]
     if missing:
-        raise PreflightError(f"{algo_cfg.name} needs {', '.join(missing)}; task {task.name} has none")
+        raise PreflightError(f"{algo_cfg.name} needs {' and '.join(missing)}; task {task.name} has none")
 
 
 def run_train(cfg, run_dir: Path) -> dict:

@@ -12,14 +12,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import TokenizedRows, encode_prompts, encode_rows
+from .data import RESPONSE, TokenizedRows, encode_rows, split_groups
 from .evaluate import score_generations
 from .logprobs import response_logprobs, to_device
 from .losses import LOSSES
@@ -31,42 +31,56 @@ from .tracking import MetricsLogger
 log = logging.getLogger(__name__)
 
 
-def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows `indices` of a ragged tensor stored as `flat` + `offsets` (N+1,), right-padded with 0."""
+def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Rows `indices` of a ragged tensor stored as `flat` + `offsets` (N+1,), right-padded
+    with 0 to `width` (default: the longest of them)."""
     lengths = offsets[indices + 1] - offsets[indices]
-    width = int(lengths.max())
-    out = torch.zeros((len(indices), width), dtype=flat.dtype)
+    out = torch.zeros((len(indices), width or int(lengths.max())), dtype=flat.dtype)
     for row, (start, length) in enumerate(zip(offsets[indices].tolist(), lengths.tolist())):
         out[row, :length] = flat[start : start + length]
     return out
 
 
 class BatchSource:
-    """Draws training batches over a subset of rows: the token batch plus per-row tensors."""
+    """Draws training batches over the kept rows: with replacement in proportion to
+    `weights` (priority sampling), uniformly (`weights` None), or as shuffled passes over the
+    data (`shuffle`). A batch holds the token ids of each response group, the cached
+    reference log-probs of each group (`ragged`, group-major like the ids) and per-row tensors."""
 
     def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
-                 weights: torch.Tensor | None, batch_size: int, seed: int):
-        self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
+                 weights: torch.Tensor | None, batch_size: int, seed: int, groups: Sequence[str] = (RESPONSE,),
+                 shuffle: bool = False):
         if len(keep) == 0:
             raise ValueError("no train row left to train on (every row was dropped: A <= 0 for all of them)")
+        self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
         self.keep = keep
         self.weights = None if weights is None else weights[keep].double()
         if self.weights is not None and not (self.weights > 0).any():
             raise ValueError("every sampling weight is zero: no row to train on")
         self.batch_size = batch_size
+        self.groups = list(groups)
+        self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def _draw(self) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        if not self.shuffle:
+            return torch.randint(len(self.keep), (self.batch_size,), generator=self.generator)
+        while len(self._order) < self.batch_size:  # next shuffled pass, carried over across passes
+            self._order = torch.cat([self._order, torch.randperm(len(self.keep), generator=self.generator)])
+        picks, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return picks
 
     def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.weights is None:
-            picks = torch.randint(len(self.keep), (self.batch_size,), generator=self.generator)
-        else:
-            picks = torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
-        indices = self.keep[picks]
-        batch = self.rows.batch(indices.tolist())
+        indices = self.keep[self._draw()]
+        batch = self.rows.batch(indices.tolist(), self.groups)
+        if self.ragged:
+            width = int(batch["response_lengths"].max())
+            batch["ref_logprobs"] = torch.cat([ragged_rows(*self.ragged[g], indices, width) for g in self.groups])
         for name, tensor in self.row_tensors.items():
             batch[name] = tensor[indices]
-        for name, (flat, offsets) in self.ragged.items():
-            batch[name] = ragged_rows(flat, offsets, indices)
         return indices, batch
 
 
@@ -79,6 +93,21 @@ def call_loss(loss_fn: Callable, params: dict, tensors: dict[str, torch.Tensor])
     return loss_fn(**{name: tensors[name] for name in wanted}, **params)
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_start", "response_lengths", "ref_logprobs")
+
+
+def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], loss_fn: Callable, params: dict):
+    """One policy forward over every response group of the batch, then the loss."""
+    logprobs, mask = response_logprobs(model, batch)
+    per_token = {"logprobs": logprobs, "mask": mask}
+    if "ref_logprobs" in batch:
+        per_token["ref_logprobs"] = batch["ref_logprobs"]
+    batch_size = logprobs.shape[0] // len(groups)
+    tensors = split_groups(per_token, groups, batch_size)
+    tensors.update({k: v for k, v in batch.items() if k not in SEQUENCE_KEYS})
+    return call_loss(loss_fn, params, tensors)
+
+
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
              metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None) -> dict:
     """Run `opt_cfg.steps` optimizer steps; validate every `val_interval` steps and call
@@ -86,6 +115,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
+    params = dict(loss_params)
     best = {"score": -math.inf, "step": 0}
     running: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
@@ -93,9 +123,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     for step in bar:
         model.train()
         _, batch = source.sample()
-        batch = to_device(batch, device)
-        logprobs, mask = response_logprobs(model, batch)
-        loss, loss_metrics = call_loss(loss_fn, dict(loss_params), {**batch, "logprobs": logprobs, "mask": mask})
+        loss, loss_metrics = loss_on_batch(model, to_device(batch, device), source.groups, loss_fn, params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
@@ -156,38 +184,56 @@ def generate_fn(model, tokenizer, formatted_prompts, cfg, **kwargs):
                     batch_size=cfg.generation.batch_size, **kwargs)
 
 
+SAMPLING = ("uniform", "shuffle", "advantage", "reward")
+KEEP = ("all", "positive_advantage")
+
+
+def load_advantage_cache(advantage_dir: Path, rows: TokenizedRows) -> dict[str, torch.Tensor]:
+    """The advantage stage's tensors, checked against this run's tokenization of every group."""
+    cache = torch.load(advantage_dir / "advantages.pt", weights_only=True)
+    for group in rows.groups:
+        offsets = cache.get(f"ref_offsets/{group}")
+        lengths = torch.tensor([len(r) for r in rows.group(group)])
+        if offsets is None or not torch.equal(offsets.diff(), lengths):
+            raise RuntimeError(f"{advantage_dir}: cached reference log-probs of '{group}' do not match this tokenization")
+    return cache
+
+
 def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
            device) -> None:
     """Stage 4: offline RL from pi_ref with the configured algorithm; best checkpoint by
     validation reward is saved to `out_dir/policy`."""
+    algo = cfg.algo
+    if algo.sampling not in SAMPLING or algo.keep not in KEEP:
+        raise ValueError(f"algo {algo.name}: sampling must be one of {SAMPLING} and keep one of {KEEP}, "
+                         f"got sampling={algo.sampling!r} keep={algo.keep!r}")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(sft_dir, device)
     rows = encode_rows(tokenizer, task, task.splits["train"], cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    groups = rows.expand(algo.responses)
     row_tensors, ragged = {}, {}
     keep = torch.arange(len(rows))
     weights = None
     if advantage_dir is not None:
-        cache = torch.load(advantage_dir / "advantages.pt", weights_only=True)
-        lengths = torch.tensor([len(r) for r in rows.response_ids])
-        if not torch.equal(cache["ref_offsets"].diff(), lengths):
-            raise RuntimeError(f"{advantage_dir}: cached reference log-probs do not match this tokenization")
-        row_tensors = {"advantages": cache["advantages"].float(), "rewards": cache["rewards"].float()}
-        ragged = {"ref_logprobs": (cache["ref_logprobs"], cache["ref_offsets"])}
-        if cfg.algo.keep == "positive_advantage":
+        cache = load_advantage_cache(advantage_dir, rows)
+        row_tensors = {name: cache[name].float() for name in ("advantages", "rewards", "ranking_rewards") if name in cache}
+        ragged = {g: (cache[f"ref_logprobs/{g}"], cache[f"ref_offsets/{g}"]) for g in groups}
+        if algo.keep == "positive_advantage":
             keep = torch.nonzero(cache["advantages"] > 0).squeeze(-1)
-        if cfg.algo.sampling in ("advantage", "reward"):
-            weights = row_tensors[{"advantage": "advantages", "reward": "rewards"}[cfg.algo.sampling]].clamp(min=0)
-    elif cfg.algo.keep != "all" or cfg.algo.sampling != "uniform":
-        raise ValueError(f"algo {cfg.algo.name} keeps/samples by advantage or reward but no advantage stage ran")
-    log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s",
-             cfg.algo.name, len(keep), len(rows), len(keep) / len(rows), cfg.algo.sampling)
-    source = BatchSource(rows, row_tensors, ragged, keep, weights, cfg.rl.batch_size, cfg.seed)
+        if algo.sampling in ("advantage", "reward"):
+            weights = row_tensors[f"{algo.sampling}s"].clamp(min=0)
+    elif algo.keep != "all" or algo.sampling in ("advantage", "reward"):
+        raise ValueError(f"algo {algo.name} keeps/samples by advantage or reward but no advantage stage ran")
+    log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s, responses %s",
+             algo.name, len(keep), len(rows), len(keep) / len(rows), algo.sampling, groups)
+    source = BatchSource(rows, row_tensors, ragged, keep, weights, cfg.rl.batch_size, cfg.seed, groups=groups,
+                         shuffle=algo.sampling == "shuffle")
 
     def save_best(model, step, score):
         save_policy(model, tokenizer, out_dir / "policy")
         (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
 
-    summary = optimize(model, source, LOSSES[cfg.algo.loss], cfg.algo.params, cfg.rl, device=device, stage="rl",
+    summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=device, stage="rl",
                        metrics=metrics, validate=make_validator(task, tokenizer, cfg), on_best=save_best)
     summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -41,7 +41,7 @@ class Task:
         have = {"reference", "reward", "advantage"}
         if all(e.rejected is not None for e in train):
             have.add("preferences")
-        if all(e.ranking is not None for e in train):
+        if all(e.ranking is not None for e in train) and len({len(e.ranking) for e in train}) == 1:
             have.add("ranking")
         if all("bad" in e.meta for e in train):
             have.add("ground_truth")
