@@ -162,3 +162,26 @@ def test_no_command_prints_usage(tmp_path):
     proc = lol_rl(cache=tmp_path / "cache", timeout=60)
     assert proc.returncode == 2
     assert "commands: train" in proc.stdout
+
+
+def test_bad_data_file_stops_with_one_line_naming_file_row_and_key(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello", "reward": 1.0}\n{"prompt": "hi", "response": ""}\n')
+    splits = [f"task.{s}={data}" for s in ("train", "validation", "test")]
+    proc = lol_rl("train", "task=jsonl", *splits, "task.rewards=[polite]", f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert f"lol-rl: {data}:2: key 'response' is empty" in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def test_preflight_refusal_on_the_command_line(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello", "reward": 1.0}\n')
+    splits = [f"task.{s}={data}" for s in ("train", "validation", "test")]
+    proc = lol_rl("train", "task=jsonl", *splits, "task.rewards=[polite]", "algo=dpo",
+                  f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert "lol-rl: dpo needs preference pairs; task jsonl has none" in proc.stdout
+    assert not (tmp_path / "cache").exists()

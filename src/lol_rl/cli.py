@@ -9,6 +9,7 @@ Configs live in conf/ at the repository root (config.yaml lists every key).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,19 +18,33 @@ CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2
 COMMANDS = ("train",)
 
 
+class _GenerateMaskNotice(logging.Filter):
+    """transformers' generate() drops an all-ones attention mask, then warns about the pad
+    tokens of rows that finished early; our prompts are masked, so the notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
 def _train_app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from transformers.utils import logging as hf_logging
 
-    from .pipeline import run_train
+    from .pipeline import PreflightError, run_train
+    from .tasks import DataError
 
     hf_logging.disable_progress_bar()
+    logging.getLogger("transformers.modeling_utils").addFilter(_GenerateMaskNotice())
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def train(cfg) -> None:
-        run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except (DataError, PreflightError) as err:  # the user's input, not a bug: one clear line
+            print(f"lol-rl: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     return train
 

@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .generate import generate_with_config
+from .models import load_policy
 from .tasks import Example, Task
 
 
@@ -36,13 +38,10 @@ def score_generations(task: Task, examples: Sequence[Example], responses: Sequen
 
 def run_eval(cfg, task: Task, policy_dir: Path, out_dir: Path, device) -> None:
     """Stage 5: greedy generation on the test prompts; metrics.json and every generation."""
-    from .models import load_policy
-    from .train import generate_fn
-
     model, tokenizer = load_policy(policy_dir, device)
     examples = task.splits["test"][: cfg.eval.test_prompts] if cfg.eval.test_prompts else task.splits["test"]
-    responses = [r[0] for r in generate_fn(model, tokenizer, [task.format_prompt(e.prompt) for e in examples], cfg,
-                                           desc="eval")]
+    formatted = [task.format_prompt(e.prompt) for e in examples]
+    responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval")]
     scores, total, per_component = score_generations(task, examples, responses)
     with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
         for i, (example, response) in enumerate(zip(examples, responses)):

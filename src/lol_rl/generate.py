@@ -50,3 +50,9 @@ def generate(
         for j, i in enumerate(chunk):
             outputs[i] = [t.strip() for t in texts[j * num_samples : (j + 1) * num_samples]]
     return outputs
+
+
+def generate_with_config(model, tokenizer, formatted_prompts: Sequence[str], cfg, **kwargs) -> list[list[str]]:
+    """`generate` with the run's `generation` settings (validation, eval, value samples)."""
+    return generate(model, tokenizer, formatted_prompts, max_new_tokens=cfg.generation.max_new_tokens,
+                    batch_size=cfg.generation.batch_size, **kwargs)

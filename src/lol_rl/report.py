@@ -22,8 +22,18 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
         cfg = OmegaConf.load(eval_path.parent / "config.yaml")
         stages = json.loads((eval_path.parent / "stages.json").read_text())
         results = json.loads(eval_path.read_text())
-        runs.append({"algo": cfg.algo.name, "seed": cfg.seed, "reference_key": stages["eval_ref"]["dir"], **results})
+        overrides_file = eval_path.parent / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+        runs.append({"name": run_label(cfg.algo.name, overrides), "seed": cfg.seed,
+                     "reference_key": stages["eval_ref"]["dir"], **results})
     return runs
+
+
+def run_label(algo: str, overrides: list[str]) -> str:
+    """The algorithm plus the run's other overrides, so that a sweep over e.g. `rl.lr` keeps
+    its settings apart; seeds are what a row aggregates over."""
+    rest = [o for o in overrides if not o.startswith(("algo=", "seed=", "hydra."))]
+    return " ".join([algo, *rest])
 
 
 def _mean_std(values: list[float]) -> str:
@@ -41,7 +51,7 @@ def summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
             seen_refs.add(run["reference_key"])
             rows.setdefault("pi_ref", []).append(run["reference"])
     for run in runs:
-        rows.setdefault(run["algo"], []).append(run["policy"])
+        rows.setdefault(run["name"], []).append(run["policy"])
     return rows
 
 

@@ -21,6 +21,7 @@ from transformers import get_scheduler
 
 from .data import RESPONSE, TokenizedRows, encode_rows, split_groups
 from .evaluate import score_generations
+from .generate import generate_with_config
 from .logprobs import response_logprobs, to_device
 from .losses import LOSSES
 from .models import initial_policy, load_policy, save_policy
@@ -170,18 +171,11 @@ def make_validator(task: Task, tokenizer, cfg) -> Callable:
     formatted = [task.format_prompt(p) for p in prompts]
 
     def validate(model) -> tuple[float, dict]:
-        responses = [r[0] for r in generate_fn(model, tokenizer, formatted, cfg)]
+        responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg)]
         scores, _, _ = score_generations(task, examples, responses)
         return scores["reward"], {f"reward/{k}": v for k, v in scores["rewards"].items()} | {"length": scores["length"]}
 
     return validate
-
-
-def generate_fn(model, tokenizer, formatted_prompts, cfg, **kwargs):
-    from .generate import generate
-
-    return generate(model, tokenizer, formatted_prompts, max_new_tokens=cfg.generation.max_new_tokens,
-                    batch_size=cfg.generation.batch_size, **kwargs)
 
 
 SAMPLING = ("uniform", "shuffle", "advantage", "reward")

@@ -6,10 +6,16 @@ masked, unlike the paper's code), then a one-hidden-layer MLP, squashed to [0, m
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 from torch import nn
+
+from .data import encode_prompts
+from .generate import generate_with_config
+from .logprobs import prompt_states
+from .models import load_policy
 
 
 class ValueHead(nn.Module):
@@ -91,8 +97,6 @@ def fit_value_head(
 
 def batched_prompt_states(model, prompt_ids: list[list[int]], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen prompt states of every prompt, left-padded to one width: (N, P, H), (N, P)."""
-    from .logprobs import prompt_states
-
     width = max(len(p) for p in prompt_ids)
     states, masks = [], []
     with torch.no_grad():
@@ -113,18 +117,12 @@ def predict_values(head: ValueHead, states: torch.Tensor, mask: torch.Tensor, ba
 def run_value(cfg, task, sft_dir, out_dir, metrics, device) -> None:
     """Stage 2: sample k responses of frozen pi_ref per validation prompt, score them, and fit
     V(x) on them; the epoch is chosen on held-out prompts, next to the constant baseline."""
-    import json
-
-    from .data import encode_prompts
-    from .models import load_policy
-    from .train import generate_fn
-
     torch.manual_seed(cfg.value.seed)
     model, tokenizer = load_policy(sft_dir, device)
     examples = task.splits["validation"]
     prompts = [e.prompt for e in examples]
     k = cfg.value.samples_per_prompt
-    samples = generate_fn(model, tokenizer, [task.format_prompt(p) for p in prompts], cfg, do_sample=True,
+    samples = generate_with_config(model, tokenizer, [task.format_prompt(p) for p in prompts], cfg, do_sample=True,
                           temperature=cfg.value.temperature, num_samples=k, seed=cfg.value.seed, desc="value samples")
     flat_prompts = [p for p in prompts for _ in range(k)]
     flat_ids = [e.id for e in examples for _ in range(k)]
@@ -157,8 +155,6 @@ def run_value(cfg, task, sft_dir, out_dir, metrics, device) -> None:
 
 
 def load_value_head(value_dir) -> ValueHead:
-    import json
-
     spec = json.loads((value_dir / "value_head.json").read_text())
     head = ValueHead(spec["hidden"], spec["heads"], spec["dropout"], spec["max_value"])
     head.load_state_dict(torch.load(value_dir / "value_head.pt", weights_only=True))

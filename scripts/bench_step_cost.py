@@ -1,0 +1,120 @@
+"""Benchmark (not a test): the cost of one optimizer step of each offline algorithm, relative
+to NLL, on the same rows of the embedded task.
+
+    python scripts/bench_step_cost.py                      # the default tiny model
+    python scripts/bench_step_cost.py model.n_layer=8 model.n_embd=256   # any config override
+    python scripts/bench_step_cost.py --json ratios.json   # also write {algo: ratio to nll}
+
+Each step is the training loop's own: build the batch of the algorithm's response groups
+and its cached reference log-probs, one policy forward, the loss, backward, clip, AdamW.
+Algorithms are timed in interleaved rounds (so drift hits all of them alike) and the median
+step is reported. Targets: every A-LOL variant, rlol, wbc and gold <= 1.05x NLL (no
+reference forward in training); dpo and dpo_ref_free <= 2.1x (two responses per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl.cli import CONF_DIR
+from lol_rl.data import encode_rows
+from lol_rl.losses import LOSSES
+from lol_rl.models import initial_policy
+from lol_rl.tasks import build_task
+from lol_rl.train import BatchSource, loss_on_batch
+
+ALGOS = ["nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free", "pro"]
+TARGETS = {**{a: 1.05 for a in ["wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl"]},
+           "dpo": 2.1, "dpo_ref_free": 2.1}
+
+
+def algo_config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"algo={name}", *overrides])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per algorithm per round")
+    parser.add_argument("--json", type=Path, help="also write {algo: ratio to nll} here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=8 rl.batch_size=64")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    cfg = algo_config("nll", args.overrides)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    train = task.splits["train"]
+    model, tokenizer = initial_policy(cfg.model, [task.format_prompt(e.prompt) + " " + e.response for e in train])
+    rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    # the advantage cache, as the advantage stage writes it (rewards real, V set to the mean)
+    rewards = torch.tensor(train_rewards(task, train)[0], dtype=torch.float32)
+    model.eval()
+    ragged = {g: reference_logprobs(model, rows, 256, "cpu", g) for g in rows.groups}
+    ranking_rewards = torch.stack([rewards, rewards - 0.5, rewards - 1.0], dim=1)
+    row_tensors = {"rewards": rewards, "advantages": (rewards - rewards.mean()).clamp(min=0.01),
+                   "ranking_rewards": ranking_rewards}
+    fixed_rows = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[: cfg.rl.batch_size]
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    setups = {}
+    for name in ALGOS:
+        algo = algo_config(name, args.overrides).algo
+        groups = rows.expand(algo.responses)
+        # the same rows every step: a shuffled pass over exactly one batch
+        source = BatchSource(rows, row_tensors, {g: ragged[g] for g in groups}, fixed_rows, None, len(fixed_rows),
+                             seed=0, groups=groups, shuffle=True)
+        setups[name] = (source, LOSSES[algo.loss], dict(algo.params))
+
+    def run_steps(name: str, n: int) -> list[float]:
+        source, loss_fn, params = setups[name]
+        model.load_state_dict(initial_state)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.rl.lr)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            _, batch = source.sample()
+            loss, _ = loss_on_batch(model, batch, source.groups, loss_fn, params)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.rl.grad_clip)
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        return times
+
+    for name in ALGOS:  # warm-up
+        run_steps(name, 2)
+    samples = {name: [] for name in ALGOS}
+    for _ in range(args.rounds):
+        for name in ALGOS:
+            samples[name].extend(run_steps(name, args.steps))
+    median = {name: statistics.median(times) for name, times in samples.items()}
+    ratios = {name: median[name] / median["nll"] for name in ALGOS}
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M parameters), batch {len(fixed_rows)}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} x {args.steps} steps per algorithm")
+    print("| algo | median step ms | x NLL | target |")
+    print("|---|---|---|---|")
+    for name in ALGOS:
+        target = TARGETS.get(name)
+        verdict = "" if target is None else f"<= {target} {'met' if ratios[name] <= target else 'MISSED'}"
+        print(f"| {name} | {1000 * median[name]:.1f} | {ratios[name]:.3f} | {verdict} |")
+    if args.json:
+        args.json.write_text(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()
