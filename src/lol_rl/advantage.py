@@ -63,12 +63,16 @@ def ranking_rewards(task: Task, examples) -> np.ndarray:
 def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPONSE) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi_ref(y_i | x, y_<i) of one response group of every row, ragged:
     flat (sum of lengths,) + offsets (N+1,)."""
-    pieces = []
+    responses = rows.group(group)
+    # length-sorted batches pad little; pieces go back to row order
+    order = sorted(range(len(rows)), key=lambda i: len(rows.prompt_ids[i]) + len(responses[i]))
+    pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            batch = to_device(rows.batch(range(start, min(start + batch_size, len(rows))), [group]), device)
-            logprobs, mask = response_logprobs(model, batch)
-            pieces.extend(lp[m].float().cpu() for lp, m in zip(logprobs, mask))
+            chunk = order[start : start + batch_size]
+            logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
+            for i, lp, m in zip(chunk, logprobs, mask):
+                pieces[i] = lp[m].float().cpu()
     lengths = torch.tensor([len(p) for p in pieces])
     return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
@@ -110,9 +114,16 @@ def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path
     adv = rewards - values
     tensors = {"rewards": torch.from_numpy(rewards), "values": torch.from_numpy(values),
                "advantages": torch.from_numpy(adv)}
+    computed: dict[str, str] = {}  # a group whose ids equal an earlier one's (ranking/0 is often the response) reuses it
     for group in rows.groups:  # the logged response, and the rejected / ranked ones where the task has them
-        tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
-            model, rows, cfg.advantage.batch_size, device, group)
+        same = next((g for g in computed if rows.group(g) == rows.group(group)), None)
+        if same is None:
+            tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
+                model, rows, cfg.advantage.batch_size, device, group)
+        else:
+            tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = (
+                tensors[f"ref_logprobs/{same}"], tensors[f"ref_offsets/{same}"])
+        computed[group] = group
     if all(e.ranking is not None for e in examples):
         tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
     torch.save(tensors, out_dir / "advantages.pt")
