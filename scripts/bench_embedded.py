@@ -37,11 +37,27 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
         runs[algo] = {"eval": json.loads((job / "eval.json").read_text()),
                       "stages": json.loads((job / "stages.json").read_text())}
     audit_dir = Path(runs["alol"]["stages"]["advantage"]["dir"])
-    return {"runs": runs, "audit": json.loads((audit_dir / "audit.json").read_text())}
+    value_dir = Path(runs["alol"]["stages"]["value"]["dir"])
+    return {"runs": runs, "audit": json.loads((audit_dir / "audit.json").read_text()),
+            "value": json.loads((value_dir / "report.json").read_text())}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def describe(values: list[float | None]) -> str:
+    """mean +- std, or n/a where the audit could not measure it (nothing dropped, no bad row)."""
+    if None in values:
+        return "n/a"
+    m, s = mean_std(values)
+    return f"{m:.3f} +- {s:.3f}"
+
+
+def beats_by_two_std(ours: list[float], theirs: list[float]) -> bool:
+    """The gap of the means exceeds twice the larger of the two standard deviations."""
+    (m1, s1), (m2, s2) = mean_std(ours), mean_std(theirs)
+    return m1 - m2 > 2 * max(s1, s2)
 
 
 def main() -> None:
@@ -88,16 +104,18 @@ def main() -> None:
         m, s = mean_std(values)
         cells = [f"{mean_std(components[name][c])[0]:.3f}" for c in names]
         print(f"| {name} | {m:.3f} +- {s:.3f} | " + " | ".join(cells) + " |")
-    print(f"\ndrop precision {mean_std(precision)[0]:.3f} +- {mean_std(precision)[1]:.3f}, "
-          f"recall {mean_std(recall)[0]:.3f} +- {mean_std(recall)[1]:.3f}")
+    print(f"\ndrop precision {describe(precision)}, recall {describe(recall)}")
+    value_mse = [r["value"]["heldout_mse"] for r in results.values()]
+    constant_mse = [r["value"]["constant_baseline_mse"] for r in results.values()]
+    print(f"value head held-out MSE {mean_std(value_mse)[0]:.4f} +- {mean_std(value_mse)[1]:.4f} "
+          f"(constant-mean baseline {mean_std(constant_mse)[0]:.4f} +- {mean_std(constant_mse)[1]:.4f})")
 
-    alol_m, alol_s = mean_std(rewards["alol"])
     targets = {
         "whole chain <= 600 s per seed": max(chain_seconds) <= 600,
-        "A-LOL > pi_ref by > 2 std": all(alol_m - mean_std(rewards["pi_ref"])[0] > 2 * s for s in (alol_s, mean_std(rewards["pi_ref"])[1])),
-        "A-LOL > NLL by > 2 std": all(alol_m - mean_std(rewards["nll"])[0] > 2 * s for s in (alol_s, mean_std(rewards["nll"])[1])),
+        "A-LOL > pi_ref by > 2 std": beats_by_two_std(rewards["alol"], rewards["pi_ref"]),
+        "A-LOL > NLL by > 2 std": beats_by_two_std(rewards["alol"], rewards["nll"]),
         "no policy at the ceiling": all(max(v) < max_reward - 0.05 for v in rewards.values()),
-        "drop precision >= 0.9": min(precision) >= 0.9,
+        "drop precision >= 0.9": None not in precision and min(precision) >= 0.9,
     }
     print("\ntargets")
     for name, ok in targets.items():
@@ -106,6 +124,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "seeds": args.seeds, "stage_seconds": stage_seconds, "chain_seconds": chain_seconds,
             "rewards": rewards, "components": components, "drop_precision": precision, "drop_recall": recall,
+            "value_heldout_mse": value_mse, "value_constant_baseline_mse": constant_mse,
             "targets": targets}, indent=2))
     sys.exit(0)
 

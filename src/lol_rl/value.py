@@ -7,6 +7,7 @@ masked, unlike the paper's code), then a one-hidden-layer MLP, squashed to [0, m
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from .data import encode_prompts
 from .generate import generate_with_config
 from .logprobs import prompt_states
 from .models import load_policy
+
+log = logging.getLogger(__name__)
 
 
 class ValueHead(nn.Module):
@@ -144,6 +147,9 @@ def run_value(cfg, task, sft_dir, out_dir, metrics, device) -> None:
                   mean_sample_rewards={n: float(v.mean()) for n, v in per_component.items()})
     metrics.log("value", report["best_epoch"], heldout_mse=report["heldout_mse"],
                 constant_baseline_mse=report["constant_baseline_mse"])
+    log.info("value: held-out MSE %.4f (constant-mean baseline %.4f), epoch %d of %d, %d samples",
+             report["heldout_mse"], report["constant_baseline_mse"], report["best_epoch"], cfg.value.epochs,
+             len(targets))
     torch.save(head.state_dict(), out_dir / "value_head.pt")
     (out_dir / "value_head.json").write_text(json.dumps(
         {"hidden": states.shape[-1], "heads": cfg.value.heads, "dropout": cfg.value.dropout,
