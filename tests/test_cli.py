@@ -185,3 +185,22 @@ def test_preflight_refusal_on_the_command_line(tmp_path):
     assert proc.returncode == 2
     assert "lol-rl: dpo needs preference pairs; task jsonl has none" in proc.stdout
     assert not (tmp_path / "cache").exists()
+
+
+def test_same_config_and_seed_give_identical_results_on_cpu(first_run, tmp_path):
+    """Determinism: the whole chain again from an empty cache gives the same artifacts' metrics,
+    the same training curve and the same test generations, bit for bit."""
+    run1, _ = first_run
+    run2 = tmp_path / "again"
+    proc = lol_rl("train", *TINY, f"hydra.run.dir={run2}", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert json.loads((run2 / "eval.json").read_text()) == json.loads((run1 / "eval.json").read_text())
+
+    def curve(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in rows]
+
+    assert curve(run2) == curve(run1)
+    generations = [sorted((Path(json.loads((run / "stages.json").read_text())["eval"]["dir"]) / "generations.jsonl")
+                          .read_text().splitlines()) for run in (run1, run2)]
+    assert generations[0] == generations[1]
