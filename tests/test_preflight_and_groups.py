@@ -129,3 +129,16 @@ def test_shuffle_visits_every_kept_row_once_per_pass():
     seen = [source.sample()[0].item() for _ in range(6)]
     for start in range(0, 6, 2):
         assert sorted(seen[start : start + 2]) == [0, 2]
+
+
+def test_config_values_are_typed_at_composition():
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ValidationError
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config")
+        assert isinstance(cfg.sft.steps, int) and isinstance(cfg.rl.lr, float)
+        with pytest.raises((ConfigCompositionException, ValidationError), match="sft.steps"):
+            compose("config", overrides=["sft.steps=abc"])
+        with pytest.raises(ConfigCompositionException, match="stepz"):
+            compose("config", overrides=["sft.stepz=3"])

@@ -14,7 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from .schema import register as _register_schema
+
 CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
+_register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
 COMMANDS = ("train",)
 
 

@@ -1,0 +1,94 @@
+"""Typed schema of the run config (Hydra structured config): a value of the wrong type or a
+key that does not exist fails when the config is composed, not deep inside a stage. Types
+only: the values and their comments live in conf/config.yaml.
+
+The `task`, `model` and `algo` groups differ by choice (a jsonl task has paths, the toy task
+sizes) and are checked by their loaders and the preflight; everything else is typed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class OptimConfig:
+    seed: int = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    schedule: str = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+    log_interval: int = MISSING
+
+
+@dataclass
+class RLConfig:
+    steps: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    schedule: str = MISSING
+    warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+    log_interval: int = MISSING
+    val_interval: int = MISSING
+    val_prompts: int = MISSING
+
+
+@dataclass
+class ValueConfig:
+    seed: int = MISSING
+    samples_per_prompt: int = MISSING
+    temperature: float = MISSING
+    heldout_fraction: float = MISSING
+    heads: int = MISSING
+    dropout: float = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+
+
+@dataclass
+class AdvantageConfig:
+    batch_size: int = MISSING
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class EvalConfig:
+    test_prompts: Optional[int] = MISSING
+
+
+@dataclass
+class RunConfig:
+    task: Any = None
+    model: Any = None
+    algo: Any = None
+    seed: int = MISSING
+    cache_dir: str = MISSING
+    device: str = MISSING
+    threads: int = MISSING
+    logger: str = MISSING
+    sft: OptimConfig = field(default_factory=OptimConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register() -> None:
+    """Make the schema available to conf/config.yaml as `defaults: [run_schema, ...]`."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
