@@ -17,7 +17,8 @@ from omegaconf import MISSING
 
 @dataclass
 class OptimConfig:
-    seed: int = MISSING
+    """What every training loop reads (train.optimize)."""
+
     steps: int = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
@@ -29,15 +30,12 @@ class OptimConfig:
 
 
 @dataclass
-class RLConfig:
-    steps: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    schedule: str = MISSING
-    warmup_steps: int = MISSING
-    grad_clip: float = MISSING
-    log_interval: int = MISSING
+class SFTConfig(OptimConfig):
+    seed: int = MISSING
+
+
+@dataclass
+class RLConfig(OptimConfig):
     val_interval: int = MISSING
     val_prompts: int = MISSING
 
@@ -81,7 +79,7 @@ class RunConfig:
     device: str = MISSING
     threads: int = MISSING
     logger: str = MISSING
-    sft: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     rl: RLConfig = field(default_factory=RLConfig)
