@@ -36,7 +36,9 @@ def _train_app():
     from transformers.utils import logging as hf_logging
 
     from .pipeline import PreflightError, run_train
+    from .rewards import RewardError
     from .tasks import DataError
+    from .train import NonFiniteError
 
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers.modeling_utils").addFilter(_GenerateMaskNotice())
@@ -45,7 +47,7 @@ def _train_app():
     def train(cfg) -> None:
         try:
             run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError) as err:  # the user's input, not a bug: one clear line
+        except (DataError, PreflightError, NonFiniteError, RewardError) as err:  # one clear line, not a traceback
             print(f"lol-rl: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

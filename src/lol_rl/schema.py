@@ -27,6 +27,7 @@ class OptimConfig:
     warmup_steps: int = MISSING
     grad_clip: float = MISSING
     log_interval: int = MISSING
+    skip_nonfinite: bool = MISSING
 
 
 @dataclass

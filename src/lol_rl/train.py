@@ -109,35 +109,55 @@ def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], 
     return call_loss(loss_fn, params, tensors)
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN/inf; names the stage, the step and the batch's rows."""
+
+
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
-             metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None) -> dict:
+             metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None,
+             row_ids: Sequence[str] | None = None) -> dict:
     """Run `opt_cfg.steps` optimizer steps; validate every `val_interval` steps and call
-    `on_best(model, step, score)` when the validation score improves."""
+    `on_best(model, step, score)` when the validation score improves. A non-finite loss or
+    gradient stops the run (naming the step and the rows, by `row_ids`) unless
+    `opt_cfg.skip_nonfinite`, which skips such steps and counts them."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
     best = {"score": -math.inf, "step": 0}
     running: dict[str, torch.Tensor] = {}
+    counted = skipped = 0
     started = time.perf_counter()
     bar = tqdm(range(1, opt_cfg.steps + 1), desc=stage, disable=progress_disabled())
     for step in bar:
         model.train()
-        _, batch = source.sample()
+        indices, batch = source.sample()
         loss, loss_metrics = loss_on_batch(model, to_device(batch, device), source.groups, loss_fn, params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        optimizer.step()
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            rows = [row_ids[i] for i in indices.tolist()] if row_ids is not None else indices.tolist()
+            what = "loss" if not torch.isfinite(loss) else "gradient"
+            if not opt_cfg.skip_nonfinite:
+                raise NonFiniteError(f"{stage}: non-finite {what} at step {step} (loss {loss.item()}, grad norm "
+                                     f"{grad_norm.item()}) on train rows {rows}; {stage}.skip_nonfinite=true skips such steps")
+            skipped += 1
+            log.warning("%s: skipped step %d, non-finite %s on train rows %s", stage, step, what, rows)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            counted += 1
+            for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **loss_metrics}.items():
+                running[name] = running.get(name, 0.0) + value.detach().float()
         scheduler.step()
-        for name, value in {"loss": loss.detach(), "grad_norm": grad_norm, **loss_metrics}.items():
-            running[name] = running.get(name, 0.0) + value.detach().float()
-        if step % opt_cfg.log_interval == 0 or step == opt_cfg.steps:
-            n = opt_cfg.log_interval if step % opt_cfg.log_interval == 0 else step % opt_cfg.log_interval
-            row = {name: (value / n).item() for name, value in running.items()}
+        if (step % opt_cfg.log_interval == 0 or step == opt_cfg.steps) and counted:
+            row = {name: (value / counted).item() for name, value in running.items()}
             running.clear()
+            counted = 0
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-            metrics.log(stage, step, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started, **row)
+            metrics.log(stage, step, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started,
+                        skipped_steps=skipped, **row)
         if validate is not None and (step % opt_cfg.val_interval == 0 or step == opt_cfg.steps):
             score, details = validate(model)
             metrics.log(f"{stage}/validation", step, reward=score, **details)
@@ -146,7 +166,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
                 if on_best is not None:
                     on_best(model, step, score)
     return {"best_validation_reward": best["score"], "best_step": best["step"], "steps": opt_cfg.steps,
-            "seconds": time.perf_counter() - started}
+            "skipped_steps": skipped, "seconds": time.perf_counter() - started}
 
 
 def run_sft(cfg, task: Task, out_dir: Path, metrics: MetricsLogger, device) -> None:
@@ -158,7 +178,8 @@ def run_sft(cfg, task: Task, out_dir: Path, metrics: MetricsLogger, device) -> N
     model.to(device)
     rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed)
-    summary = optimize(model, source, LOSSES["nll"], {}, cfg.sft, device=device, stage="sft", metrics=metrics)
+    summary = optimize(model, source, LOSSES["nll"], {}, cfg.sft, device=device, stage="sft", metrics=metrics,
+                       row_ids=[e.id for e in train])
     save_policy(model, tokenizer, out_dir)
     summary.update(truncated_prompts=rows.truncated_prompts, truncated_responses=rows.truncated_responses)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -228,6 +249,7 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
         (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
 
     summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=device, stage="rl",
-                       metrics=metrics, validate=make_validator(task, tokenizer, cfg), on_best=save_best)
+                       metrics=metrics, validate=make_validator(task, tokenizer, cfg), on_best=save_best,
+                       row_ids=[e.id for e in task.splits["train"]])
     summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
