@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import RESPONSE, encode_rows
 from .logprobs import response_logprobs, to_device
 from .models import load_policy
+from .progress import progress_disabled
 from .tasks import Task
 from .value import batched_prompt_states, load_value_head, predict_values
 
@@ -68,7 +70,8 @@ def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPON
     order = sorted(range(len(rows)), key=lambda i: len(rows.prompt_ids[i]) + len(responses[i]))
     pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"advantage: reference log-probs of {group}",
+                          disable=progress_disabled(), leave=False):
             chunk = order[start : start + batch_size]
             logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
             for i, lp, m in zip(chunk, logprobs, mask):

@@ -12,11 +12,13 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import encode_prompts
 from .generate import generate_with_config
 from .logprobs import prompt_states
 from .models import load_policy
+from .progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def fit_value_head(
 
     best = {"epoch": 0, "mse": heldout_mse(), "state": {k: v.clone() for k, v in head.state_dict().items()}}
     history = [best["mse"]]
-    for epoch in range(1, epochs + 1):
+    for epoch in tqdm(range(1, epochs + 1), desc="value head", disable=progress_disabled()):
         head.train()
         for chunk in train_samples[torch.randperm(len(train_samples), generator=generator)].split(batch_size):
             idx = prompt_index[chunk]
