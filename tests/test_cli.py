@@ -204,3 +204,17 @@ def test_same_config_and_seed_give_identical_results_on_cpu(first_run, tmp_path)
     generations = [sorted((Path(json.loads((run / "stages.json").read_text())["eval"]["dir"]) / "generations.jsonl")
                           .read_text().splitlines()) for run in (run1, run2)]
     assert generations[0] == generations[1]
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("nosuch", "unknown reward component(s) ['nosuch']"),
+    ("nosuch_module:score", "reward 'nosuch_module:score': cannot import it"),
+])
+def test_bad_reward_component_is_one_clear_line(tmp_path, reward, message):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "hi", "response": "hello", "reward": 1.0}\n')
+    splits = [f"task.{s}={data}" for s in ("train", "validation", "test")]
+    proc = lol_rl("train", "task=jsonl", *splits, f"task.rewards=[{reward}]", f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert f"lol-rl: {message}" in proc.stdout and "Traceback" not in proc.stdout

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lol_rl.rewards import build_reward
+from lol_rl.rewards import RewardError, build_reward
 from lol_rl.rewards.toy import correctness, positional_match
 from lol_rl.tasks.base import DataError, Example, read_jsonl, write_jsonl
 from lol_rl.tasks.toy import NOISE_RATE, load_toy, wrong_answer
@@ -202,7 +202,7 @@ def test_toy_good_responses_are_correct_and_concise(toy_splits, reward):
 
 
 def test_build_reward_unknown_component():
-    with pytest.raises(ValueError, match="nicety"):
+    with pytest.raises(RewardError, match="nicety"):
         build_reward(["correct", "nicety"])
 
 

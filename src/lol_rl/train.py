@@ -136,7 +136,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if not torch.isfinite(loss.detach() + grad_norm):  # one host sync per step, for both
             rows = [row_ids[i] for i in indices.tolist()] if row_ids is not None else indices.tolist()
             what = "loss" if not torch.isfinite(loss) else "gradient"
             if not opt_cfg.skip_nonfinite:

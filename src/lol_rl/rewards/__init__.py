@@ -63,9 +63,9 @@ def import_scorer(path: str) -> Scorer:
     try:
         scorer = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward {path!r}: cannot import it ({err})") from None
+        raise RewardError(f"reward {path!r}: cannot import it ({err})") from None
     if not callable(scorer):
-        raise ValueError(f"reward {path!r} is not callable")
+        raise RewardError(f"reward {path!r} is not callable")
     return scorer
 
 
@@ -75,5 +75,5 @@ def build_reward(names: Sequence[str]) -> CompositeReward:
 
     unknown = [n for n in names if n not in COMPONENTS and ":" not in n]
     if unknown:
-        raise ValueError(f"unknown reward component(s) {unknown}; valid: {sorted(COMPONENTS)} or 'module:function'")
+        raise RewardError(f"unknown reward component(s) {unknown}; valid: {sorted(COMPONENTS)} or 'module:function'")
     return CompositeReward({name: import_scorer(name) if ":" in name else COMPONENTS[name]() for name in names})
