@@ -47,10 +47,17 @@ def preflight(algo_cfg, task: Task) -> None:
         raise PreflightError(f"{algo_cfg.name} needs {' and '.join(missing)}; task {task.name} has none")
 
 
+def reward_specs(reward):
+    """`reward=` on the command line: one component (`reward=my_module:score`) or a list."""
+    if reward is None or isinstance(reward, str):
+        return [reward] if reward else None
+    return list(reward)
+
+
 def run_train(cfg, run_dir: Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, reward_override=reward_specs(cfg.reward), device=cfg.device)
     preflight(cfg.algo, task)
     device = resolve_device(cfg.device)
     cache = StageCache(cfg.cache_dir)
@@ -58,7 +65,7 @@ def run_train(cfg, run_dir: Path) -> dict:
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
                             config=OmegaConf.to_container(cfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    data = {"task": cfg.task, "data": task.fingerprint(), "model": cfg.model}
+    data = {"task": cfg.task, "reward": cfg.reward, "data": task.fingerprint(), "model": cfg.model}
 
     sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
     advantage = None
@@ -70,7 +77,7 @@ def run_train(cfg, run_dir: Path) -> dict:
     rl = cache.stage("rl", {**data, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: run_rl(cfg, task, sft, advantage, out, metrics, device))
-    evaluation = {"task": cfg.task, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
+    evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
     ref_eval = cache.stage("eval", {**evaluation, "policy": f"sft/{sft.name}"},
                            lambda out: run_eval(cfg, task, sft, out, device), label="eval_ref")
     policy_eval = cache.stage("eval", {**evaluation, "policy": f"rl/{rl.name}"},

@@ -75,6 +75,7 @@ class RunConfig:
     task: Any = None
     model: Any = None
     algo: Any = None
+    reward: Any = None
     seed: int = MISSING
     cache_dir: str = MISSING
     device: str = MISSING

@@ -69,7 +69,7 @@ def import_scorer(path: str) -> Scorer:
     return scorer
 
 
-def build_reward(names: Sequence[str]) -> CompositeReward:
+def build_reward(names: Sequence[str], device: str = "auto", fit_texts: Sequence[str] | None = None) -> CompositeReward:
     """Components by registered name (`lol_rl.rewards.registry.COMPONENTS`) or import path."""
     from .registry import COMPONENTS
 

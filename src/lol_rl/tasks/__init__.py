@@ -1,6 +1,6 @@
 """Tasks: load data into `Example` rows, format prompts, name their reward components.
 
-A task is built from its config by name (`TASKS`); `Task.provides` says what its data has,
+A task is built from its config by its loader name (`LOADERS`); `Task.provides` says what its data has,
 so an algorithm's needs are checked before any compute.
 """
 
@@ -21,8 +21,13 @@ SPLITS = ("train", "validation", "test")
 class Task:
     name: str
     splits: dict[str, list[Example]]
-    reward: CompositeReward
+    reward: CompositeReward          # scores train rows without a given reward, value-head samples, validation
     prompt_template: str
+    eval_reward: CompositeReward | None = None  # the test reward when it differs (HHA: a larger reward model)
+
+    @property
+    def test_reward(self) -> CompositeReward:
+        return self.eval_reward or self.reward
 
     def fingerprint(self) -> str:
         """A hash of every row of every split: the cache key sees the data, not only its config
@@ -55,12 +60,11 @@ def _check_splits(name: str, splits: dict[str, list[Example]]) -> dict[str, list
     return splits
 
 
-def build_toy(cfg) -> Task:
-    splits = load_toy(cfg.seed, cfg.variant, dict(cfg.sizes))
-    return Task(cfg.name, _check_splits(cfg.name, splits), build_reward(cfg.rewards), cfg.prompt_template)
+def load_toy_splits(cfg) -> dict[str, list[Example]]:
+    return load_toy(cfg.seed, cfg.variant, dict(cfg.sizes))
 
 
-def build_jsonl(cfg) -> Task:
+def load_jsonl_splits(cfg) -> dict[str, list[Example]]:
     """The user's own data: one jsonl file per split of {prompt, response, reward?, ...}."""
     splits = {}
     for split in SPLITS:
@@ -68,17 +72,28 @@ def build_jsonl(cfg) -> Task:
         if not path:
             raise DataError(f"task jsonl needs task.{split}=<path to a jsonl file>")
         splits[split] = read_jsonl(path)
-    return Task(cfg.name, _check_splits(cfg.name, splits), build_reward(cfg.rewards), cfg.prompt_template)
+    return splits
 
 
-TASKS = {"toy": build_toy, "jsonl": build_jsonl}
+# loader name (a task yaml's `loader:`) -> function(task cfg) -> {split: [Example]}
+LOADERS = {"toy": load_toy_splits, "jsonl": load_jsonl_splits}
 
 
-def build_task(cfg) -> Task:
-    builder = TASKS.get(cfg.loader)
-    if builder is None:
-        raise ValueError(f"unknown task loader {cfg.loader!r}; valid: {sorted(TASKS)}")
-    return builder(cfg)
+def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
+    """Load the splits and build the reward components the task's yaml names (or
+    `reward_override`, the top-level `reward=`); components with a `fit` (TF-IDF) see the
+    train responses."""
+    loader = LOADERS.get(cfg.loader)
+    if loader is None:
+        raise ValueError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
+    splits = _check_splits(cfg.name, loader(cfg))
+    train_responses = [e.response for e in splits["train"]]
+    reward = build_reward(reward_override or cfg.rewards, device=device, fit_texts=train_responses)
+    eval_specs = cfg.get("eval_rewards")
+    eval_reward = None
+    if eval_specs and not reward_override:
+        eval_reward = build_reward(eval_specs, device=device, fit_texts=train_responses)
+    return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward)
 
 
-__all__ = ["Task", "Example", "DataError", "build_task", "TASKS", "SPLITS"]
+__all__ = ["Task", "Example", "DataError", "build_task", "LOADERS", "SPLITS"]
