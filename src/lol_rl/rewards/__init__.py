@@ -1,14 +1,25 @@
 """Reward components (each a scorer in [0, 1] or a configured range) and their sum.
 
-A component is any callable `score(prompts, responses) -> list[float]`; `CompositeReward`
-sums them into R(x, y) and keeps each one, as the paper's tables report them.
+A component is any callable `score(prompts, responses) -> list[float]` with a `max_value`;
+`CompositeReward` sums them into R(x, y) and keeps each one, as the paper's tables report them.
+
+`build_reward` makes the components from a task's `rewards:` list. Each item is
+- a registered name (`registry.COMPONENTS`), e.g. `cola`; the column is named after it;
+- `module:function`, a user's `score(prompts, responses) -> list[float]` (max_value 1.0 unless
+  the function has a `max_value` attribute); the column is named after the string;
+- a mapping `{name: <column>, use: <registered name or module:function>, **options}`, the options
+  going to the registered factory, e.g. `{name: fluency, use: cola, model: /models/cola}`.
+Factories taking `device` get build_reward's; components with `fit` (TF-IDF) are fit on
+`fit_texts`, the train responses.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +27,7 @@ Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
 class RewardError(RuntimeError):
-    """A reward component returned something unusable; names the component and the row."""
+    """A reward spec, a component's model or a score is unusable; one line naming the component."""
 
 
 class CompositeReward:
@@ -57,23 +68,92 @@ class CompositeReward:
         return float(sum(bounds))
 
 
-def import_scorer(path: str) -> Scorer:
-    """`package.module:function`, a function score(prompts, responses) -> list[float]."""
+def import_object(path: str, owner: str) -> Any:
+    """`package.module:attribute`; `owner` says whose it is in the error message."""
     module_name, _, attr = path.partition(":")
     try:
-        scorer = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise RewardError(f"reward {path!r}: cannot import it ({err})") from None
+        raise RewardError(f"{owner} {path!r}: cannot import it ({err})") from None
+
+
+def import_scorer(path: str) -> Scorer:
+    """`package.module:function`, a function score(prompts, responses) -> list[float]."""
+    scorer = import_object(path, "reward")
     if not callable(scorer):
         raise RewardError(f"reward {path!r} is not callable")
     return scorer
 
 
-def build_reward(names: Sequence[str], device: str = "auto", fit_texts: Sequence[str] | None = None) -> CompositeReward:
-    """Components by registered name (`lol_rl.rewards.registry.COMPONENTS`) or import path."""
+def parse_spec(spec: Any) -> tuple[str, str, dict[str, Any]]:
+    """One `rewards:` item -> (column name, registered name or import path, factory options)."""
+    if isinstance(spec, str):
+        return spec, spec, {}
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        use = options.pop("use", None)
+        name = options.pop("name", use)
+        if not isinstance(use, str) or not isinstance(name, str) or not name:
+            raise RewardError(f"reward spec {spec!r}: a mapping needs `use: <registered name or module:function>` "
+                              "and may give `name: <column>` and the component's options")
+        return name, use, options
+    raise RewardError(f"reward spec {spec!r}: expected a component name, 'module:function' or a mapping "
+                      "{name, use, ...options}")
+
+
+def make_component(spec: Any, use: str, options: dict[str, Any], name: str,
+                   registry: Mapping[str, Callable], device: str) -> Scorer:
+    """The scorer of one parsed spec; every mistake is one RewardError naming the spec."""
+    if use not in registry:  # a 'module:function' scorer (build_reward has refused unknown names)
+        if options:
+            raise RewardError(f"reward spec {spec!r}: options {sorted(options)} are for registered components; "
+                              "a 'module:function' scorer takes none")
+        return import_scorer(use)
+    factory = registry[use]
+    signature = inspect.signature(factory)
+    for key, value in (("device", device), ("name", name)):
+        if key in signature.parameters:
+            options.setdefault(key, value)
+    try:
+        signature.bind(**options)
+    except TypeError as err:
+        raise RewardError(f"reward spec {spec!r}: {err}; '{use}' takes {list(signature.parameters)}") from None
+    try:
+        return factory(**options)
+    except ValueError as err:
+        raise RewardError(f"reward spec {spec!r}: {err}") from None
+
+
+def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | None = None) -> CompositeReward:
+    """The components a task's `rewards:` list names (see the module docstring), fit where they
+    need it. No model is loaded here: learned components load on their first call."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     from .registry import COMPONENTS
 
-    unknown = [n for n in names if n not in COMPONENTS and ":" not in n]
-    if unknown:
+    if OmegaConf.is_config(specs):
+        try:
+            specs = OmegaConf.to_container(specs, resolve=True)
+        except OmegaConfBaseException as err:  # e.g. ${oc.env:TOXICHAT_MODEL} with the variable unset
+            raise RewardError(f"reward specs: {str(err).splitlines()[0]}") from None
+    if isinstance(specs, (str, Mapping)):
+        specs = [specs]
+    if not specs:
+        raise RewardError("a reward needs at least one component")
+    parsed = [(spec, *parse_spec(spec)) for spec in specs]
+    unknown = [use for _, _, use, _ in parsed if use not in COMPONENTS and ":" not in use]
+    if unknown:  # every typo at once, before any component is built
         raise RewardError(f"unknown reward component(s) {unknown}; valid: {sorted(COMPONENTS)} or 'module:function'")
-    return CompositeReward({name: import_scorer(name) if ":" in name else COMPONENTS[name]() for name in names})
+    components: dict[str, Scorer] = {}
+    for spec, name, use, options in parsed:
+        if name in components:
+            raise RewardError(f"reward spec {spec!r}: column {name!r} is already used; give this one another `name:`")
+        components[name] = make_component(spec, use, options, name, COMPONENTS, device)
+    for name, scorer in components.items():
+        if hasattr(scorer, "fit"):
+            if fit_texts is None:
+                raise RewardError(f"reward component '{name}' must be fit on the train responses; "
+                                  "build_reward got no fit_texts")
+            scorer.fit(fit_texts)
+    return CompositeReward(components)
