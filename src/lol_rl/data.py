@@ -82,23 +82,23 @@ def encode_prompts(tokenizer, task: Task, prompts: Sequence[str], max_prompt_tok
     return [row[-max_prompt_tokens:] for row in ids]
 
 
-def _encode_responses(tokenizer, texts: Sequence[str], max_response_tokens: int) -> tuple[list[list[int]], int]:
-    ids = tokenizer([" " + t for t in texts], add_special_tokens=False)["input_ids"]
+def _encode_responses(tokenizer, texts: Sequence[str], max_response_tokens: int, prefix: str) -> tuple[list[list[int]], int]:
+    ids = tokenizer([prefix + t for t in texts], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return [(r + [eos])[:max_response_tokens] for r in ids], sum(len(r) + 1 > max_response_tokens for r in ids)
 
 
 def encode_rows(tokenizer, task: Task, examples: Sequence[Example], max_prompt_tokens: int, max_response_tokens: int) -> TokenizedRows:
-    """Prompt ids and response ids (a leading space, then EOS) of every example; the
-    rejected and ranked responses too where every example has them."""
+    """Prompt ids and response ids (the task's response prefix, a space by default, then EOS)
+    of every example; the rejected and ranked responses too where every example has them."""
     full_prompts = tokenizer([task.format_prompt(e.prompt) for e in examples], add_special_tokens=False)["input_ids"]
-    responses, truncated = _encode_responses(tokenizer, [e.response for e in examples], max_response_tokens)
+    responses, truncated = _encode_responses(tokenizer, [e.response for e in examples], max_response_tokens, task.response_prefix)
     extra = {}
     if all(e.rejected is not None for e in examples):
-        extra[REJECTED], _ = _encode_responses(tokenizer, [e.rejected for e in examples], max_response_tokens)
+        extra[REJECTED], _ = _encode_responses(tokenizer, [e.rejected for e in examples], max_response_tokens, task.response_prefix)
     if all(e.ranking is not None for e in examples) and len({len(e.ranking) for e in examples}) == 1:
         for k in range(len(examples[0].ranking)):
-            extra[f"{RANKING}/{k}"], _ = _encode_responses(tokenizer, [e.ranking[k] for e in examples], max_response_tokens)
+            extra[f"{RANKING}/{k}"], _ = _encode_responses(tokenizer, [e.ranking[k] for e in examples], max_response_tokens, task.response_prefix)
     return TokenizedRows(
         prompt_ids=[p[-max_prompt_tokens:] for p in full_prompts],
         response_ids=responses,

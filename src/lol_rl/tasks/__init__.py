@@ -11,8 +11,12 @@ import json
 from dataclasses import dataclass
 
 from ..rewards import CompositeReward, build_reward
-from .base import DataError, Example, read_jsonl
+from .base import FIT_TEXTS, DataError, Example, read_jsonl
+from .commonsense import load_commonsense
+from .hha import load_hha
+from .reddit import load_reddit
 from .toy import load_toy
+from .wow import load_wow
 
 SPLITS = ("train", "validation", "test")
 
@@ -21,12 +25,14 @@ SPLITS = ("train", "validation", "test")
 class Task:
     name: str
     splits: dict[str, list[Example]]
-    reward: CompositeReward          # scores train rows without a given reward, value-head samples, validation
+    reward: CompositeReward | None   # scores train rows without a given reward, value-head samples, validation;
+                                     # None: the data's own rewards only (see `build_task`)
     prompt_template: str
     eval_reward: CompositeReward | None = None  # the test reward when it differs (HHA: a larger reward model)
+    response_prefix: str = " "  # between the formatted prompt and the response ("" after DialoGPT's EOS)
 
     @property
-    def test_reward(self) -> CompositeReward:
+    def test_reward(self) -> CompositeReward | None:
         return self.eval_reward or self.reward
 
     def fingerprint(self) -> str:
@@ -46,11 +52,30 @@ class Task:
         have = {"reference", "reward", "advantage"}
         if all(e.rejected is not None for e in train):
             have.add("preferences")
-        if all(e.ranking is not None for e in train) and len({len(e.ranking) for e in train}) == 1:
-            have.add("ranking")
+        same_length = len({len(e.ranking) for e in train if e.ranking is not None}) == 1
+        if self.reward is not None and all(e.ranking is not None for e in train) and same_length:
+            have.add("ranking")  # a ranking's rewards come from the scorer
         if all("bad" in e.meta for e in train):
             have.add("ground_truth")
         return have
+
+
+def data_reward(example: Example) -> float | None:
+    """The reward a row gives for its logged response (`reward`, or the sum of `rewards`)."""
+    if example.reward is not None:
+        return example.reward
+    return sum(example.rewards.values()) if example.rewards else None
+
+
+def _check_data_rewards(name: str, splits: dict[str, list[Example]]) -> None:
+    """Without a scorer, the value head fits on the validation rows' logged responses and A is
+    computed from the train rows' rewards: both splits must give one for every row."""
+    for split in ("train", "validation"):
+        missing = next((e for e in splits[split] if data_reward(e) is None), None)
+        if missing is not None:
+            raise DataError(f"task {name}: split '{split}' row id {missing.id!r} has no 'reward' and no reward "
+                            f"components are configured; give every train and validation row a reward, or name a "
+                            f"scorer with reward=[<component or module:function>]")
 
 
 def _check_splits(name: str, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
@@ -76,24 +101,39 @@ def load_jsonl_splits(cfg) -> dict[str, list[Example]]:
 
 
 # loader name (a task yaml's `loader:`) -> function(task cfg) -> {split: [Example]}
-LOADERS = {"toy": load_toy_splits, "jsonl": load_jsonl_splits}
+LOADERS = {
+    "toy": load_toy_splits,
+    "jsonl": load_jsonl_splits,
+    "hha": load_hha,
+    "reddit": load_reddit,
+    "commonsense": load_commonsense,
+    "wow": load_wow,
+}
 
 
 def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     """Load the splits and build the reward components the task's yaml names (or
     `reward_override`, the top-level `reward=`); components with a `fit` (TF-IDF) see the
-    train responses."""
+    train responses. With no component named, the rows' own rewards are the only signal:
+    the value head fits on the validation rows' logged responses, training keeps its last
+    step, and the test reports length and diversity but no reward."""
     loader = LOADERS.get(cfg.loader)
     if loader is None:
         raise ValueError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
-    splits = _check_splits(cfg.name, loader(cfg))
-    train_responses = [e.response for e in splits["train"]]
-    reward = build_reward(reward_override or cfg.rewards, device=device, fit_texts=train_responses)
+    splits = loader(cfg)
+    fit_texts = splits.pop(FIT_TEXTS, None)
+    splits = _check_splits(cfg.name, splits)
+    fit_texts = fit_texts or [e.response for e in splits["train"]]
+    specs = reward_override or cfg.get("rewards")
+    if not specs:  # the user's rows carry rewards and no scorer is named: use the data's rewards
+        _check_data_rewards(cfg.name, splits)
+        return Task(cfg.name, splits, None, cfg.prompt_template, response_prefix=cfg.get("response_prefix", " "))
+    reward = build_reward(specs, device=device, fit_texts=fit_texts)
     eval_specs = cfg.get("eval_rewards")
     eval_reward = None
     if eval_specs and not reward_override:
-        eval_reward = build_reward(eval_specs, device=device, fit_texts=train_responses)
-    return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward)
+        eval_reward = build_reward(eval_specs, device=device, fit_texts=fit_texts)
+    return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward, cfg.get("response_prefix", " "))
 
 
-__all__ = ["Task", "Example", "DataError", "build_task", "LOADERS", "SPLITS"]
+__all__ = ["Task", "Example", "DataError", "build_task", "data_reward", "LOADERS", "SPLITS"]

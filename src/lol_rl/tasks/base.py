@@ -1,12 +1,20 @@
-"""The common row every task loads into, and the validated reader for data files."""
+"""The common row every task loads into, the validated reader for data files, and the
+readers the task loaders share (JSON lines, typed keys, seeded subsets)."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+# a loader may return this key beside its splits: the texts reward components with a `fit`
+# (TF-IDF) fit on, when they are not simply the train responses
+FIT_TEXTS = "reward_fit_texts"
 
 
 class DataError(ValueError):
@@ -119,3 +127,43 @@ def write_jsonl(path: str | Path, examples: list[Example]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for example in examples:
             f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+
+
+def json_lines(path) -> Iterator[tuple[str, int, Any]]:
+    """('file:line', row index, decoded object) for each non-blank line of a JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open("rb") as f:
+        index = 0
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(f"{where}: not valid JSON ({err})") from None
+            yield where, index, row
+            index += 1
+
+
+def require(row: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """row[key], which must exist and be a `kind`; DataError names where, the key and what came."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if key not in row:
+        raise DataError(f"{where}: missing key '{key}'")
+    value = row[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataError(f"{where}: key '{key}' must be a {names}, got {type(value).__name__}")
+    return value
+
+
+def subsample(rows: list, n: int | None, seed: int) -> list:
+    """At most `n` rows: a seeded random subset, kept in file order (n None: all)."""
+    if n is None or n >= len(rows):
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
