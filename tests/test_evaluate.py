@@ -51,7 +51,7 @@ def test_score_generations_summary_by_hand():
         "has_a": lambda prompts, responses: [1.0 if "a" in r.split() else 0.0 for r in responses],
     })
     responses = ["a b", "c d e f", "a"]
-    summary, total, parts = score_generations(task, task.splits["test"], responses)
+    summary, total, parts = score_generations(task.reward, task.splits["test"], responses)
     # words: 0.2, 0.4, 0.1; has_a: 1, 0, 1
     assert parts["words"].tolist() == pytest.approx([0.2, 0.4, 0.1])
     assert parts["has_a"].tolist() == [1.0, 0.0, 1.0]
@@ -67,4 +67,20 @@ def test_score_generations_summary_by_hand():
 def test_non_finite_component_is_named():
     task = _task({"broken": lambda prompts, responses: [0.0, float("nan"), 1.0]})
     with pytest.raises(RewardError, match="'broken'.*row t1"):
-        score_generations(task, task.splits["test"], ["x", "y", "z"])
+        score_generations(task.reward, task.splits["test"], ["x", "y", "z"])
+
+
+def test_segments_are_reported_separately():
+    examples = [Example(id=f"t{i}", prompt=f"p{i}", response="r", meta={"segment": seg})
+                for i, seg in enumerate(["harmless-base", "helpful-base", "harmless-base"])]
+    reward = CompositeReward({"len": lambda prompts, responses: [float(len(r)) for r in responses]})
+    summary, _, _ = score_generations(reward, examples, ["a", "bb", "ccc"])
+    assert summary["segments"] == {"harmless-base": {"reward": 2.0, "n": 2}, "helpful-base": {"reward": 2.0, "n": 1}}
+    assert summary["reward"] == pytest.approx(2.0)
+
+
+def test_without_a_scorer_only_length_and_diversity_are_reported():
+    examples = [Example(id="t0", prompt="p", response="r")]
+    summary, total, parts = score_generations(None, examples, ["a b a"])
+    assert summary["reward"] is None and summary["rewards"] == {} and total is None and parts == {}
+    assert summary["length"] == 3 and summary["distinct"][0] == pytest.approx(2 / 3)

@@ -16,7 +16,7 @@ from .data import RESPONSE, encode_rows
 from .logprobs import response_logprobs, to_device
 from .models import load_policy
 from .progress import progress_disabled
-from .tasks import Task
+from .tasks import Task, data_reward
 from .value import batched_prompt_states, load_value_head, predict_values
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def train_rewards(task: Task, examples) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Rewards given in the data are used as they are; otherwise the task's components score."""
-    if all(e.reward is not None or e.rewards is not None for e in examples):
-        given = [e.reward if e.reward is not None else sum(e.rewards.values()) for e in examples]
-        return np.asarray(given, dtype=np.float64), {}
+    if all(data_reward(e) is not None for e in examples):
+        return np.asarray([data_reward(e) for e in examples], dtype=np.float64), {}
     return task.reward.score([e.prompt for e in examples], [e.response for e in examples], ids=[e.id for e in examples])
 
 
@@ -107,7 +106,7 @@ def audit(examples, rewards: np.ndarray, values: np.ndarray, adv: np.ndarray) ->
 
 
 def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path, metrics, device) -> None:
-    model, tokenizer = load_policy(sft_dir, device)
+    model, tokenizer = load_policy(sft_dir, device, cfg.model)
     model.eval()
     examples = task.splits["train"]
     rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
@@ -127,7 +126,7 @@ def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path
             tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = (
                 tensors[f"ref_logprobs/{same}"], tensors[f"ref_offsets/{same}"])
         computed[group] = group
-    if all(e.ranking is not None for e in examples):
+    if task.reward is not None and all(e.ranking is not None for e in examples):
         tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
     torch.save(tensors, out_dir / "advantages.pt")
     with (out_dir / "rows.jsonl").open("w", encoding="utf-8") as f:

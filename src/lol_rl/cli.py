@@ -30,11 +30,14 @@ class _GenerateMaskNotice(logging.Filter):
 
 
 def _train_app():
+    # bitsandbytes looks for an optional hub kernel on import and logs its absence on CPU: harmless noise
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from transformers.utils import logging as hf_logging
 
+    from .models import ModelError
     from .pipeline import PreflightError, run_train
     from .rewards import RewardError
     from .tasks import DataError
@@ -47,7 +50,7 @@ def _train_app():
     def train(cfg) -> None:
         try:
             run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError, NonFiniteError, RewardError) as err:  # one clear line, not a traceback
+        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError) as err:  # one clear line, not a traceback
             print(f"lol-rl: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -64,6 +67,7 @@ def main() -> None:
         raise SystemExit(2)
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"lol-rl: no config.yaml in {CONF_DIR}; install with `pip install -e .` or set LOL_RL_CONF")
+    sys.path.insert(0, os.getcwd())  # `reward=my_module:score` imports from where lol-rl runs, as `python -m` would
     command = sys.argv.pop(1)
     sys.argv[0] = f"lol-rl {command}"
     {"train": _train_app}[command]()()

@@ -1,20 +1,36 @@
 """Policies and tokenizers: a tiny LM built from config (with a tokenizer trained on the task
-text), or any causal LM by hub id / local path; save and load as transformers does."""
+text), or any causal LM by hub id / local path, optionally 4-bit (bitsandbytes NF4) and with a
+LoRA adapter (peft).
+
+Artifacts: the sft stage always saves a full model (a LoRA adapter is merged into the
+full-precision weights first), so pi_ref is one set of weights that every later stage loads
+the same way (quantized on load when the model config says so). The rl stage, when LoRA is
+configured, adds a fresh adapter to pi_ref and saves only that adapter plus the path of its
+base: the reference policy is then the policy with the adapter disabled, never a second copy.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPT2Config, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
+BASE_FILE = "policy.json"  # in an adapter artifact: where its base weights are
+
+
+class ModelError(ValueError):
+    """A model config that cannot run here (QLoRA without a GPU, a model id not available offline)."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -55,33 +71,198 @@ def build_from_config(model_cfg, tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def initial_policy(model_cfg, texts: Iterable[str]):
-    """(model, tokenizer) the SFT stage starts from."""
+def compute_dtype(model_cfg, device: torch.device) -> torch.dtype:
+    """`model.dtype`: auto = bf16 weights on a GPU when the base is frozen under an adapter,
+    fp32 otherwise (full fine-tuning on a GPU keeps fp32 master weights under bf16 autocast)."""
+    setting = model_cfg.get("dtype", "auto")
+    if setting == "auto":
+        frozen_base = model_cfg.get("lora") or model_cfg.get("quantization")
+        return torch.bfloat16 if device.type == "cuda" and frozen_base else torch.float32
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if setting not in dtypes:
+        raise ModelError(f"model {model_cfg.name}: dtype must be auto or one of {sorted(dtypes)}, got {setting!r}")
+    return dtypes[setting]
+
+
+def quantization_config(model_cfg, device: torch.device) -> BitsAndBytesConfig | None:
+    """`model.quantization: nf4` = QLoRA's 4-bit NormalFloat with double quantization."""
+    kind = model_cfg.get("quantization")
+    if not kind:
+        return None
+    if kind != "nf4":
+        raise ModelError(f"model {model_cfg.name}: quantization must be null or nf4, got {kind!r}")
+    if device.type != "cuda":
+        raise ModelError(f"model {model_cfg.name}: 4-bit quantization (QLoRA) needs a CUDA GPU and this run's device "
+                         f"is {device.type}; run on a GPU, or set model.quantization=null to train the adapter over "
+                         f"full-precision weights")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (a no-op on CPU, where everything stays fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _offline_error(model_cfg, what: str, err: Exception) -> ModelError:
+    return ModelError(f"model {model_cfg.get('name', '?')}: cannot load {what} ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0]}); it must be a local directory or already in the offline "
+                      f"Hugging Face cache (HF_HUB_OFFLINE=1)")
+
+
+def load_base(path: str | Path, model_cfg, device: torch.device):
+    """Full weights from a hub id / local dir, quantized on load when configured."""
+    quantization = quantization_config(model_cfg, device)
+    kwargs = {"dtype": compute_dtype(model_cfg, device)}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _offline_error(model_cfg, str(path), err) from None
+    return model if quantization is not None else model.to(device)
+
+
+def load_tokenizer(path: str | Path, model_cfg=None):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _offline_error(model_cfg or {}, f"the tokenizer of {path}", err) from None
+    if tokenizer.pad_token is None:  # LLaMA / GPT-2 have none; masks come from lengths, so EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_adapter(model, model_cfg):
+    """A fresh trainable LoRA adapter (peft) over frozen weights: `model.lora` has r, alpha,
+    dropout and target_modules (a list, or 'all-linear' as QLoRA does)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = model_cfg.lora
+    if model_cfg.get("quantization"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(model_cfg.get("gradient_checkpointing")))
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _maybe_checkpointing(model, model_cfg):
+    if model_cfg.get("gradient_checkpointing"):  # non-reentrant: no input grads needed under an adapter
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None = None):
+    """(model, tokenizer) the SFT stage starts from: built from config, or pretrained weights
+    (with a fresh LoRA adapter when `model.lora` is set, or the published SFT adapter
+    `model.sft_adapter`, as the paper's HHA reference policy is)."""
+    device = device or torch.device("cpu")
     if model_cfg.kind == "from_config":
         tokenizer = train_tokenizer(texts, model_cfg.vocab_size)
-        model = build_from_config(model_cfg, tokenizer)
+        model = build_from_config(model_cfg, tokenizer).to(device)
     elif model_cfg.kind == "pretrained":
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path)
+        tokenizer = load_tokenizer(model_cfg.path, model_cfg)
+        model = load_base(model_cfg.path, model_cfg, device)
     else:
         raise ValueError(f"model.kind must be 'from_config' or 'pretrained', got {model_cfg.kind!r}")
+    if model_cfg.get("sft_adapter"):
+        from peft import PeftModel
+
+        if model_cfg.get("quantization"):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, bool(model_cfg.get("gradient_checkpointing")))
+        try:
+            model = PeftModel.from_pretrained(model, model_cfg.sft_adapter, is_trainable=True)
+        except (OSError, ValueError) as err:
+            raise _offline_error(model_cfg, f"the adapter {model_cfg.sft_adapter}", err) from None
+    elif model_cfg.get("lora"):
+        model = add_adapter(model, model_cfg)
+    model = _maybe_checkpointing(model, model_cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("policy: %s, %.2fM parameters, vocabulary %d", model_cfg.name, n_params / 1e6, len(tokenizer))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("policy: %s, %.2fM parameters (%.2fM trainable), vocabulary %d", model_cfg.name, n_params / 1e6,
+             n_train / 1e6, len(tokenizer))
     return model, tokenizer
 
 
-def load_policy(path: str | Path, device: torch.device):
-    """A saved policy and its tokenizer (an artifact of the sft or rl stage)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
-    return model, tokenizer
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
 
 
-def save_policy(model, tokenizer, path: str | Path) -> None:
+def load_policy(path: str | Path, device: torch.device, model_cfg=None):
+    """A saved policy and its tokenizer: a full model (an sft artifact), or an adapter over
+    the base its `policy.json` names (an rl artifact trained with LoRA)."""
+    model_cfg = model_cfg if model_cfg is not None else {"name": str(path)}
+    path = Path(path)
+    tokenizer = load_tokenizer(path, model_cfg)
+    if not is_adapter(path):
+        return load_base(path, model_cfg, device), tokenizer
+    from peft import PeftModel
+
+    base_dir = (path / json.loads((path / BASE_FILE).read_text())["base"]).resolve()
+    base, _ = load_policy(base_dir, device, model_cfg)
+    return PeftModel.from_pretrained(base, path), tokenizer
+
+
+def save_reference(model, tokenizer, path: str | Path, model_cfg) -> None:
+    """The sft artifact: full weights. A LoRA adapter is merged first; over a 4-bit base it is
+    merged into the full-precision base reloaded on CPU (merging into NF4 weights would round
+    them a second time), and later stages quantize the merged weights once, on load."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if isinstance(model, PeftModel):
+        if model_cfg.get("quantization"):
+            adapter_dir = path / "sft_adapter"
+            model.save_pretrained(adapter_dir)
+            base = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=compute_dtype(model_cfg, torch.device("cuda")))
+            model = PeftModel.from_pretrained(base, adapter_dir)
+        model = model.merge_and_unload()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def save_policy(model, tokenizer, path: str | Path, base_dir: str | Path | None = None) -> None:
+    """The rl artifact: full weights, or (a LoRA policy) the adapter and the path of its base,
+    relative, so that the cache directory can move."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if is_adapter(path):
+        if base_dir is None:
+            raise ValueError("an adapter artifact needs the directory of its base weights")
+        (path / BASE_FILE).write_text(json.dumps({"base": os.path.relpath(base_dir, path)}))
+
+
+@contextmanager
+def reference_policy(model):
+    """pi_ref from a LoRA policy: the same weights with the adapter disabled (no second copy)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ValueError("the reference policy is the adapter-disabled policy: this policy has no adapter "
+                         "(set model.lora to train one, or use the cached reference log-probs)")
+    with model.disable_adapter():
+        yield model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model, opt_cfg, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; `paged_adamw_32bit` is bitsandbytes' paged
+    optimizer that QLoRA uses to survive memory spikes on a GPU."""
+    params = trainable_parameters(model)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    if name == "paged_adamw_32bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    raise ModelError(f"model.optimizer must be adamw or paged_adamw_32bit, got {name!r}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from .advantage import run_advantage
 from .cache import StageCache
 from .evaluate import run_eval
-from .models import resolve_device
+from .models import quantization_config, resolve_device
 from .tasks import Task, build_task
 from .tracking import MetricsLogger
 from .train import run_rl, run_sft
@@ -60,6 +60,7 @@ def run_train(cfg, run_dir: Path) -> dict:
     task = build_task(cfg.task, reward_override=reward_specs(cfg.reward), device=cfg.device)
     preflight(cfg.algo, task)
     device = resolve_device(cfg.device)
+    quantization_config(cfg.model, device)  # QLoRA without a GPU stops here, before any stage
     cache = StageCache(cfg.cache_dir)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
@@ -106,7 +107,8 @@ def format_table(rows: dict[str, dict]) -> str:
     header = ["policy", "reward", *components, "length", "distinct-1/2/3", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows.items():
-        cells = [name, f"{m['reward']:.3f}", *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
+        reward = "n/a" if m["reward"] is None else f"{m['reward']:.3f}"  # a task without a scorer
+        cells = [name, reward, *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
                  "/".join(f"{d:.3f}" for d in m["distinct"]), str(m["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -36,7 +36,9 @@ def run_label(algo: str, overrides: list[str]) -> str:
     return " ".join([algo, *rest])
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float | None]) -> str:
+    if any(v is None for v in values):  # a task without a scorer has no test reward
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"

@@ -24,7 +24,7 @@ from .evaluate import score_generations
 from .generate import generate_with_config
 from .logprobs import response_logprobs, to_device
 from .losses import LOSSES
-from .models import initial_policy, load_policy, save_policy
+from .models import add_adapter, autocast, initial_policy, load_policy, make_optimizer, save_policy, save_reference
 from .progress import progress_disabled
 from .tasks import Task
 from .tracking import MetricsLogger
@@ -99,7 +99,9 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_start", "response_leng
 
 def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], loss_fn: Callable, params: dict):
     """One policy forward over every response group of the batch, then the loss."""
-    logprobs, mask = response_logprobs(model, batch)
+    with autocast(batch["input_ids"].device):
+        logprobs, mask = response_logprobs(model, batch)
+    logprobs = logprobs.float()
     per_token = {"logprobs": logprobs, "mask": mask}
     if "ref_logprobs" in batch:
         per_token["ref_logprobs"] = batch["ref_logprobs"]
@@ -115,12 +117,12 @@ class NonFiniteError(RuntimeError):
 
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
              metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None,
-             row_ids: Sequence[str] | None = None) -> dict:
+             row_ids: Sequence[str] | None = None, optimizer_name: str = "adamw") -> dict:
     """Run `opt_cfg.steps` optimizer steps; validate every `val_interval` steps and call
     `on_best(model, step, score)` when the validation score improves. A non-finite loss or
     gradient stops the run (naming the step and the rows, by `row_ids`) unless
     `opt_cfg.skip_nonfinite`, which skips such steps and counts them."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    optimizer = make_optimizer(model, opt_cfg, optimizer_name)
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
@@ -135,7 +137,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
         loss, loss_metrics = loss_on_batch(model, to_device(batch, device), source.groups, loss_fn, params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], opt_cfg.grad_clip)
         if not torch.isfinite(loss.detach() + grad_norm):  # one host sync per step, for both
             rows = [row_ids[i] for i in indices.tolist()] if row_ids is not None else indices.tolist()
             what = "loss" if not torch.isfinite(loss) else "gradient"
@@ -173,27 +175,29 @@ def run_sft(cfg, task: Task, out_dir: Path, metrics: MetricsLogger, device) -> N
     """Stage 1: pi_ref = the initial model NLL-trained on the train split's logged responses."""
     torch.manual_seed(cfg.sft.seed)
     train = task.splits["train"]
-    texts = [task.format_prompt(e.prompt) + " " + e.response for e in train]
-    model, tokenizer = initial_policy(cfg.model, texts)
-    model.to(device)
+    texts = [task.format_prompt(e.prompt) + task.response_prefix + e.response for e in train]
+    model, tokenizer = initial_policy(cfg.model, texts, device)
     rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed)
     summary = optimize(model, source, LOSSES["nll"], {}, cfg.sft, device=device, stage="sft", metrics=metrics,
-                       row_ids=[e.id for e in train])
-    save_policy(model, tokenizer, out_dir)
+                       row_ids=[e.id for e in train], optimizer_name=cfg.model.get("optimizer", "adamw"))
+    save_reference(model, tokenizer, out_dir, cfg.model)
     summary.update(truncated_prompts=rows.truncated_prompts, truncated_responses=rows.truncated_responses)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def make_validator(task: Task, tokenizer, cfg) -> Callable:
-    """Greedy generation on a bounded set of validation prompts, scored by the task reward."""
+def make_validator(task: Task, tokenizer, cfg) -> Callable | None:
+    """Greedy generation on a bounded set of validation prompts, scored by the task reward
+    (None for a task without a scorer: nothing can score new responses)."""
+    if task.reward is None:
+        return None
     examples = task.splits["validation"][: cfg.rl.val_prompts]
     prompts = [e.prompt for e in examples]
     formatted = [task.format_prompt(p) for p in prompts]
 
     def validate(model) -> tuple[float, dict]:
         responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg)]
-        scores, _, _ = score_generations(task, examples, responses)
+        scores, _, _ = score_generations(task.reward, examples, responses)
         return scores["reward"], {f"reward/{k}": v for k, v in scores["rewards"].items()} | {"length": scores["length"]}
 
     return validate
@@ -223,7 +227,9 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
         raise ValueError(f"algo {algo.name}: sampling must be one of {SAMPLING} and keep one of {KEEP}, "
                          f"got sampling={algo.sampling!r} keep={algo.keep!r}")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_policy(sft_dir, device)
+    model, tokenizer = load_policy(sft_dir, device, cfg.model)
+    if cfg.model.get("lora"):  # a fresh adapter over pi_ref: disabling it gives the reference back
+        model = add_adapter(model, cfg.model)
     rows = encode_rows(tokenizer, task, task.splits["train"], cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     groups = rows.expand(algo.responses)
     row_tensors, ragged = {}, {}
@@ -245,11 +251,15 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
                          shuffle=algo.sampling == "shuffle")
 
     def save_best(model, step, score):
-        save_policy(model, tokenizer, out_dir / "policy")
+        save_policy(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
         (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
 
+    validate = make_validator(task, tokenizer, cfg)
     summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=device, stage="rl",
-                       metrics=metrics, validate=make_validator(task, tokenizer, cfg), on_best=save_best,
-                       row_ids=[e.id for e in task.splits["train"]])
+                       metrics=metrics, validate=validate, on_best=save_best,
+                       row_ids=[e.id for e in task.splits["train"]], optimizer_name=cfg.model.get("optimizer", "adamw"))
+    if validate is None:  # no scorer to choose a checkpoint by: the last step is the policy
+        log.info("rl: the task has no reward scorer, so the last step is kept (no validation)")
+        save_best(model, cfg.rl.steps, None)
     summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
