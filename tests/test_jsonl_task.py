@@ -61,10 +61,16 @@ def test_data_rewards_only_run_the_whole_chain(tmp_path):
 
 
 def test_reward_names_a_user_scorer_by_import_path(tmp_path):
+    """A scorer for the same data reuses the reference policy (sft reads no scorer) and builds
+    the stages that score responses anew."""
+    first = lol_rl("train", "task=jsonl", *SPLITS, *SMALL, f"hydra.run.dir={tmp_path / 'run0'}", cache=tmp_path / "cache")
+    assert first.returncode == 0, first.stdout[-4000:]
     run_dir = tmp_path / "run"
     proc = lol_rl("train", "task=jsonl", *SPLITS, *SMALL, "reward=examples.support.score:score",
                   f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-4000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["sft"]["cached"] and not any(stages[s]["cached"] for s in ("value", "advantage", "rl", "eval"))
     results = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= results["policy"]["reward"] <= 1.0
     assert list(results["policy"]["rewards"]) == ["examples.support.score:score"]

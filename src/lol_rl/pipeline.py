@@ -66,16 +66,19 @@ def run_train(cfg, run_dir: Path) -> dict:
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
                             config=OmegaConf.to_container(cfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    data = {"task": cfg.task, "reward": cfg.reward, "data": task.fingerprint(), "model": cfg.model}
+    # the sft stage reads the data, not the scorers: a new reward model reuses pi_ref
+    task_data = {k: v for k, v in cfg.task.items() if k not in ("rewards", "eval_rewards")}
+    data = {"task": task_data, "data": task.fingerprint(), "model": cfg.model}
+    scored = {**data, "task": cfg.task, "reward": cfg.reward}  # the stages that score responses key on them
 
     sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
     advantage = None
     if set(cfg.algo.needs) & {"advantage", "reference", "reward"}:
-        value = cache.stage("value", {**data, "sft": sft.name, "value": cfg.value, "generation": cfg.generation},
+        value = cache.stage("value", {**scored, "sft": sft.name, "value": cfg.value, "generation": cfg.generation},
                             lambda out: run_value(cfg, task, sft, out, metrics, device))
-        advantage = cache.stage("advantage", {**data, "sft": sft.name, "value": value.name},
+        advantage = cache.stage("advantage", {**scored, "sft": sft.name, "value": value.name},
                                 lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
-    rl = cache.stage("rl", {**data, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
+    rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: run_rl(cfg, task, sft, advantage, out, metrics, device))
     evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
@@ -102,13 +105,17 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def format_table(rows: dict[str, dict]) -> str:
-    """A markdown table: total and per-component test reward, length, distinct-1/2/3."""
-    components = list(next(iter(rows.values()))["rewards"])
-    header = ["policy", "reward", *components, "length", "distinct-1/2/3", "n"]
+    """A markdown table: total, per-segment (HHA) and per-component test reward, length,
+    distinct-1/2/3."""
+    first = next(iter(rows.values()))
+    components = list(first["rewards"])
+    segments = list(first.get("segments", {}))
+    header = ["policy", *segments, "reward", *components, "length", "distinct-1/2/3", "n"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows.items():
         reward = "n/a" if m["reward"] is None else f"{m['reward']:.3f}"  # a task without a scorer
-        cells = [name, reward, *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
+        cells = [name, *(f"{m['segments'][s]['reward']:.3f}" for s in segments), reward,
+                 *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
                  "/".join(f"{d:.3f}" for d in m["distinct"]), str(m["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
