@@ -67,3 +67,14 @@ def test_hha_chain_on_fixture_files(tmp_path, reward_models, algo):
                                   "max_length": 48}], device="cpu")
     rescored, _ = train_reward.score([g["prompt"] for g in generations], [g["response"] for g in generations])
     assert not np.allclose(rescored, [g["reward"] for g in generations])
+
+
+def test_a_reward_model_missing_offline_stops_before_any_stage(tmp_path):
+    """The default HHA reward model is not in this machine's offline cache: one line, and no
+    stage has started (no sft artifact in the cache)."""
+    proc = lol_rl("train", "task=hha", f"task.pro_dir={PRO}", *SMALL, f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert ("lol-rl: reward component 'reward': model 'OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5' is neither "
+            "a local path nor in the offline Hugging Face cache") in proc.stdout
+    assert not (tmp_path / "cache" / "sft").exists()

@@ -364,6 +364,16 @@ def test_building_loads_nothing_and_a_missing_model_is_one_clear_error(checkpoin
     assert "\n" not in str(err.value)
 
 
+def test_availability_is_checked_without_loading_weights(checkpoints):
+    reward = build_reward([{"name": "local", "use": "hf_classifier", "model": str(checkpoints["roberta"])},
+                           {"name": "oasst", "use": "hha_rm", "model": str(checkpoints["oasst"])}, "concise"])
+    reward.check_available()
+    assert not any(getattr(c, "loaded", False) for c in reward.components.values())
+    missing = build_reward([{"name": "judge", "use": "hf_classifier", "model": "no-such-org/no-such-model"}])
+    with pytest.raises(RewardError, match="'judge': model 'no-such-org/no-such-model' is neither a local path"):
+        missing.check_available()
+
+
 def test_presets_configure_the_papers_rewards():
     reward = build_reward(["hha_rm", "cola", "dialogrpt_updown", "faithcritic",
                            {"use": "toxichat_safety", "model": "/models/toxichat"}], device="cpu")

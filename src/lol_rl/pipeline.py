@@ -61,6 +61,8 @@ def run_train(cfg, run_dir: Path) -> dict:
     preflight(cfg.algo, task)
     device = resolve_device(cfg.device)
     quantization_config(cfg.model, device)  # QLoRA without a GPU stops here, before any stage
+    for reward in {id(r): r for r in (task.reward, task.test_reward) if r is not None}.values():
+        reward.check_available()  # a reward model missing offline stops here, not after sft
     cache = StageCache(cfg.cache_dir)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",

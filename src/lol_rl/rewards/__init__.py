@@ -59,6 +59,12 @@ class CompositeReward:
         total = np.sum(list(per_component.values()), axis=0)
         return total, per_component
 
+    def check_available(self) -> None:
+        """Every learned component's model is loadable here (its config is read, no weights)."""
+        for scorer in self.components.values():
+            if hasattr(scorer, "check_available"):
+                scorer.check_available()
+
     @property
     def max_total(self) -> float:
         """Upper bound of R, for the value head's output range; components declare theirs."""
@@ -136,7 +142,8 @@ def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | No
         try:
             specs = OmegaConf.to_container(specs, resolve=True)
         except OmegaConfBaseException as err:  # e.g. ${oc.env:TOXICHAT_MODEL} with the variable unset
-            raise RewardError(f"reward specs: {str(err).splitlines()[0]}") from None
+            raise RewardError(f"reward specs: {str(err).splitlines()[0]} (set it, or give the component's "
+                              f"options on the command line, e.g. task.rewards=[...])") from None
     if isinstance(specs, (str, Mapping)):
         specs = [specs]
     if not specs:

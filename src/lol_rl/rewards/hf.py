@@ -248,18 +248,27 @@ class HFClassifier:
             self._loaded = (tokenizer, model, label_index(self.label, model.config, self.name), build)
         return self._loaded
 
+    def check_available(self) -> None:
+        """Fail now, not after hours of sft, when the model is not here: reads only its config."""
+        try:
+            AutoConfig.from_pretrained(self.model)
+        except (OSError, ValueError) as err:
+            raise self._unavailable(err) from err
+
+    def _unavailable(self, err: Exception) -> RewardError:
+        if Path(self.model).is_dir():
+            return RewardError(f"reward component '{self.name}': cannot load {self.model!r} ({err})")
+        return RewardError(
+            f"reward component '{self.name}': model {self.model!r} is neither a local path nor in the "
+            "offline Hugging Face cache (download it once where there is network, or give a local path)")
+
     def _from_pretrained(self, model_cls, dtype: torch.dtype, device: torch.device):
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model)
             model, info = model_cls.from_pretrained(  # straight onto the device: a 6.9B model needs no host copy
                 self.model, dtype=dtype, device_map=str(device), output_loading_info=True)
         except (OSError, ValueError) as err:
-            if Path(self.model).is_dir():
-                raise RewardError(f"reward component '{self.name}': cannot load {self.model!r} ({err})") from err
-            raise RewardError(
-                f"reward component '{self.name}': model {self.model!r} is neither a local path nor in the "
-                "offline Hugging Face cache (download it once where there is network, or give a local path)"
-            ) from err
+            raise self._unavailable(err) from err
         missing = sorted(info["missing_keys"])
         if missing:  # a head initialised at random would score noise without a word
             raise RewardError(

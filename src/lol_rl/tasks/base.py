@@ -167,3 +167,17 @@ def subsample(rows: list, n: int | None, seed: int) -> list:
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
+
+
+def read_json(path, expected: type, what: str, missing_hint: str = "") -> Any:
+    """A whole-file JSON document of type `expected` (`what` describes it for the message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file{missing_hint}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, expected):
+        raise DataError(f"{path}: expected {what}, got {type(data).__name__}")
+    return data

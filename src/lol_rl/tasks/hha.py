@@ -24,7 +24,6 @@ Each pair becomes one Example: the prompt is the history in the LLaMA chat forma
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -32,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, Example, json_lines, require, subsample
+from .base import DataError, Example, json_lines, read_json, require, subsample
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +156,8 @@ def _segment_of(source: Any) -> str | None:
 
 def _excluded_test_rows(path) -> dict[str, set[int]]:
     """The authors' bad_test_indices.json: {"harmless_base.json": [row index, ...], ...}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (set task.exclude_test=null to keep every test row)")
-    try:
-        listed = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(listed, dict):
-        raise DataError(f"{path}: expected an object of test file name -> list of row indices")
+    listed = read_json(path, dict, "an object of test file name -> list of row indices",
+                       " (set task.exclude_test=null to keep every test row)")
     for name, indices in listed.items():
         if not isinstance(indices, list) or not all(type(i) is int for i in indices):
             raise DataError(f"{path}: key '{name}' must be a list of row indices")

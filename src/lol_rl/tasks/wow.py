@@ -20,12 +20,11 @@ truncation of data.py, which would cut the knowledge first.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from .base import DataError, Example, require, subsample
+from .base import DataError, Example, read_json, require, subsample
 
 EOS = "<|endoftext|>"  # DialoGPT's EOS: separates knowledge and turns, as DialogRPT reads turns
 KNOWLEDGE = "Knowledge: "
@@ -114,12 +113,4 @@ def _faithdial_turns(path):
 
 
 def _load_list(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of dialogues, got {type(data).__name__}")
-    return data
+    return read_json(path, list, "a JSON list of dialogues")
