@@ -186,3 +186,13 @@ def test_cli_chain_with_a_pretrained_model_and_lora(pretrained_dir, tmp_path):
     with torch.no_grad(), reference_policy(policy) as ref:
         disabled, _ = response_logprobs(ref, batch)
     torch.testing.assert_close(disabled, expected.to(disabled.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.kind=weird", "lol-rl: model.kind must be 'from_config' or 'pretrained', got 'weird'"),
+    ("task.variant=muddy", "lol-rl: task.variant must be one of ['clean', 'noisy'], got 'muddy'"),
+])
+def test_a_bad_config_value_is_one_line(tmp_path, override, message):
+    proc = lol_rl("train", override, "task.sizes.train=50", "task.sizes.validation=10", "task.sizes.test=10",
+                  f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "c")
+    assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout

@@ -374,17 +374,12 @@ def test_availability_is_checked_without_loading_weights(checkpoints):
         missing.check_available()
 
 
-def test_presets_configure_the_papers_rewards():
+def test_presets_take_yaml_options_and_the_run_device_and_load_nothing():
     reward = build_reward(["hha_rm", "cola", "dialogrpt_updown", "faithcritic",
-                           {"use": "toxichat_safety", "model": "/models/toxichat"}], device="cpu")
-    rm, cola, updown, faith, safety = reward.components.values()
-    assert (rm.model, rm.transform, rm.max_length, rm.truncation_side, rm.inputs) == (
-        "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "sigmoid", 1024, "left", "lol_rl.tasks.hha:oasst_rm_input")
-    assert (cola.model, cola.transform, cola.label, cola.inputs) == (
-        "textattack/roberta-base-CoLA", "softmax", 1, "response")
-    assert (updown.model, updown.transform) == ("microsoft/DialogRPT-updown", "sigmoid")
-    assert (faith.transform, faith.label, faith.inputs) == ("softmax", 0, "lol_rl.tasks.wow:faithcritic_input")
-    assert (safety.model, safety.label, safety.device) == ("/models/toxichat", 0, "cpu")
+                           {"use": "toxichat_safety", "model": "/models/toxichat", "batch_size": 3}], device="cpu")
+    safety = reward.components["toxichat_safety"]
+    assert (safety.model, safety.batch_size, safety.device) == ("/models/toxichat", 3, "cpu")
+    assert all(c.device == "cpu" for c in reward.components.values())
     assert reward.max_total == 5.0 and not any(c.loaded for c in reward.components.values())
 
 

@@ -54,7 +54,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 def build_from_config(model_cfg, tokenizer) -> torch.nn.Module:
     """A randomly initialised GPT-2 of the configured size (no download)."""
     if model_cfg.arch != "gpt2":
-        raise ValueError(f"model.arch {model_cfg.arch!r} is not supported for from_config; use 'gpt2'")
+        raise ModelError(f"model.arch {model_cfg.arch!r} is not supported for from_config; use 'gpt2'")
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=model_cfg.n_positions,
@@ -165,7 +165,7 @@ def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None 
         tokenizer = load_tokenizer(model_cfg.path, model_cfg)
         model = load_base(model_cfg.path, model_cfg, device)
     else:
-        raise ValueError(f"model.kind must be 'from_config' or 'pretrained', got {model_cfg.kind!r}")
+        raise ModelError(f"model.kind must be 'from_config' or 'pretrained', got {model_cfg.kind!r}")
     if model_cfg.get("sft_adapter"):
         from peft import PeftModel
 
@@ -269,5 +269,5 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible; use device=cpu")
+        raise ModelError("device=cuda was asked for but no CUDA device is visible; use device=cpu")
     return torch.device(name)

@@ -119,7 +119,7 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     step, and the test reports length and diversity but no reward."""
     loader = LOADERS.get(cfg.loader)
     if loader is None:
-        raise ValueError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
+        raise DataError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
     splits = loader(cfg)
     fit_texts = splits.pop(FIT_TEXTS, None)
     splits = _check_splits(cfg.name, splits)

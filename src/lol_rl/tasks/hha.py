@@ -79,7 +79,7 @@ def load_hha(cfg) -> dict[str, list[Example]]:
     elif cfg.source == "hub":
         train, validation, test = _hub_splits(cfg)
     else:
-        raise ValueError(f"task.source must be 'pro' or 'hub', got {cfg.source!r}")
+        raise DataError(f"task.source must be 'pro' or 'hub', got {cfg.source!r}")
     cleaned = [e for e in train if all(r.strip() and not r.endswith(":") for r in e.ranking)]
     log.info("hha: %d of %d train pairs dropped (an empty response or one ending in ':')",
              len(train) - len(cleaned), len(train))

@@ -53,7 +53,7 @@ def clean(text: str) -> str:
 
 def load_reddit(cfg) -> dict[str, list[Example]]:
     if cfg.polarity not in POLARITIES:
-        raise ValueError(f"task.polarity must be one of {POLARITIES}, got {cfg.polarity!r}")
+        raise DataError(f"task.polarity must be one of {POLARITIES}, got {cfg.polarity!r}")
     test_n, val_n = cfg.test_per_polarity, cfg.validation_per_polarity
     rows = {p: _read_polarity(cfg[f"{p}_csv"], p, cfg.sample_size, cfg.seed) for p in POLARITIES}
     for polarity, examples in rows.items():

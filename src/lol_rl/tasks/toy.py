@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .base import Example
+from .base import DataError, Example
 
 WORDS = "ant bat bee cat cow dog eel elk emu fox gnu hen owl pig ram yak".split()
 
@@ -173,5 +173,5 @@ def generate_split(seed: int, n: int, split: str, noise_rate: dict[str, float]) 
 def load_toy(seed: int, variant: str, sizes: dict[str, int]) -> dict[str, list[Example]]:
     """The three splits of the toy task; `variant` is `noisy` or `clean` (cf. Reddit down/up)."""
     if variant not in NOISE_RATE:
-        raise ValueError(f"task.variant must be one of {sorted(NOISE_RATE)}, got {variant!r}")
+        raise DataError(f"task.variant must be one of {sorted(NOISE_RATE)}, got {variant!r}")
     return {split: generate_split(seed, n, split, NOISE_RATE[variant]) for split, n in sizes.items()}
