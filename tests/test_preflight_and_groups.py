@@ -57,19 +57,32 @@ def test_preflight_passes_when_the_task_has_pairs(tmp_path):
     preflight(cfg.algo, build_task(cfg.task))  # no error
 
 
-def test_every_algo_config_declares_a_registered_loss_and_known_needs():
+def test_every_algo_config_declares_a_known_trainer_and_needs_and_an_offline_one_a_registered_loss():
     from lol_rl.losses import LOSSES
-    from lol_rl.pipeline import NEEDS
+    from lol_rl.pipeline import NEEDS, TRAINERS
     from lol_rl.train import KEEP, SAMPLING
 
     names = sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml"))
     assert {"nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free",
-            "pro"} <= set(names)
+            "pro", "ppo"} <= set(names)
     for name in names:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             algo = compose("config", overrides=[f"algo={name}"]).algo
-        assert algo.name == name and algo.loss in LOSSES, name
-        assert set(algo.needs) <= set(NEEDS) and algo.keep in KEEP and algo.sampling in SAMPLING, name
+        trainer = algo.get("trainer", "offline")
+        assert algo.name == name and trainer in TRAINERS and set(algo.needs) <= set(NEEDS), name
+        if trainer == "offline":
+            assert algo.loss in LOSSES and algo.keep in KEEP and algo.sampling in SAMPLING, name
+
+
+def test_ppo_on_a_task_with_only_the_data_rewards_fails_before_sft(tmp_path):
+    splits = {s: write_rows(tmp_path / f"{s}.jsonl", 4, with_pairs=False) for s in ("train", "validation", "test")}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["task=jsonl", *(f"task.{s}={p}" for s, p in splits.items()), "algo=ppo",
+                                           f"cache_dir={tmp_path / 'cache'}", "device=cpu"])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(PreflightError, match="^ppo needs a reward scorer for new responses"):
+        run_train(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
 
 
 ROWS = TokenizedRows(

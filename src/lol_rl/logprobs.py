@@ -46,24 +46,38 @@ def response_mask(response_lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(width, device=response_lengths.device)[None, :] < response_lengths[:, None]
 
 
+def response_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every response token (B, R): the position whose output predicts it (the token at
+    t is predicted by the logits at t - 1), the token id, and the mask (False at padding)."""
+    input_ids = batch["input_ids"]
+    mask = response_mask(batch["response_lengths"])
+    target_pos = (batch["response_start"][:, None] + torch.arange(mask.shape[1], device=mask.device)).clamp(
+        max=input_ids.shape[1] - 1
+    )
+    return target_pos - 1, input_ids.gather(1, target_pos), mask
+
+
+def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) states at (B, R) positions -> (B, R, D)."""
+    return states.gather(1, positions[..., None].expand(-1, -1, states.shape[-1]))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
 def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_i | x, y_<i) for every response token.
 
     Returns (logprobs, mask), both (B, R) with R the longest response; padded entries of
     `logprobs` are 0 and `mask` is False there.
     """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    attention_mask = batch["attention_mask"]
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=position_ids(attention_mask)
     ).logits
-    mask = response_mask(batch["response_lengths"])
-    # token at position t is predicted by the logits at t - 1
-    target_pos = (batch["response_start"][:, None] + torch.arange(mask.shape[1], device=mask.device)).clamp(
-        max=input_ids.shape[1] - 1
-    )
-    predicting = logits.gather(1, (target_pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))
-    targets = input_ids.gather(1, target_pos)
-    logprobs = F.log_softmax(predicting.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    positions, targets, mask = response_positions(batch)
+    logprobs = token_logprobs(gather_positions(logits, positions), targets)
     return logprobs.masked_fill(~mask, 0.0), mask
 
 

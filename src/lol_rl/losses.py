@@ -171,3 +171,74 @@ LOSSES = {
     "dpo_ref_free": dpo_ref_free,
     "pro": pro,
 }
+
+
+# Online PPO (ppo.py): token-level pieces, all (B, T) over response tokens, mask True on them.
+# Names follow cleanrl's ppo.py; references are Schulman et al. 2017 (PPO) and 2016 (GAE).
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(v - mean) / std over the masked entries (std alone when `shift_mean` is False); 0 at padding."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    centred = values - mean if shift_mean else values
+    return (centred * torch.rsqrt(var + 1e-8)).masked_fill(~mask, 0.0)
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> torch.Tensor:
+    """r_t = -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)), plus the sequence score (B,) at
+    the last response token: the reward model sees the whole response once."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = mask.sum(-1).clamp(min=1) - 1
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimates and returns (both (B, T)). Responses are right-padded,
+    so the token after the last one is terminal: its value counts as 0.
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns = A + V."""
+    mask = mask.to(values.dtype)
+    next_values = torch.cat([values[:, 1:] * mask[:, 1:], values.new_zeros(values.shape[0], 1)], dim=1)
+    continues = torch.cat([mask[:, 1:], mask.new_zeros(mask.shape[0], 1)], dim=1)
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(values)
+    running = values.new_zeros(values.shape[0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + gamma * lam * continues[:, t] * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip: float):
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-clip, 1+clip)),
+    r = pi_theta(y_t) / pi_old(y_t)."""
+    log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3 estimator of KL(old || new)
+            "ratio": masked_mean(ratio, mask),
+        }
+    return masked_mean(pg_loss, mask), metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, *, clip: float):
+    """Clipped value loss: 0.5 * mean of max((V - G)^2, (V_old + clip(V - V_old, +-clip) - G)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    clip_fraction = masked_mean(((values - old_values).abs() > clip).float(), mask).detach()
+    return 0.5 * masked_mean(losses, mask), {"value_clip_fraction": clip_fraction}
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al. 2019's controller (TRL's AdaptiveKLController): move the coefficient
+    towards the value that keeps the measured KL at `target`, by at most 20% per horizon."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

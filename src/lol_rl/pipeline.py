@@ -15,12 +15,16 @@ from .advantage import run_advantage
 from .cache import StageCache
 from .evaluate import run_eval
 from .models import quantization_config, resolve_device
+from .ppo import run_ppo
 from .tasks import Task, build_task
 from .tracking import MetricsLogger
 from .train import run_rl, run_sft
 from .value import run_value
 
 log = logging.getLogger(__name__)
+
+# the rl stage's loop: one offline loop for every offline algorithm, and online PPO
+TRAINERS = {"offline": run_rl, "ppo": run_ppo}
 
 
 class PreflightError(ValueError):
@@ -31,6 +35,7 @@ NEEDS = {
     "advantage": "advantages (a reward for every train row and validation prompts)",
     "reference": "reference log-probs",
     "reward": "rewards",
+    "scorer": "a reward scorer for new responses (reward components, not only the data's rewards)",
     "preferences": "preference pairs",
     "ranking": "rankings of the same length",
     "ground_truth": "ground-truth bad-row flags",
@@ -39,6 +44,8 @@ NEEDS = {
 
 def preflight(algo_cfg, task: Task) -> None:
     """Refuse, before any compute, an algorithm whose needs the task's data does not meet."""
+    if algo_cfg.get("trainer", "offline") not in TRAINERS:
+        raise PreflightError(f"algo {algo_cfg.name}: unknown trainer {algo_cfg.trainer!r}; valid: {sorted(TRAINERS)}")
     unknown = [need for need in algo_cfg.needs if need not in NEEDS]
     if unknown:
         raise PreflightError(f"algo {algo_cfg.name}: unknown need(s) {unknown}; valid: {sorted(NEEDS)}")
@@ -59,6 +66,7 @@ def run_train(cfg, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     task = build_task(cfg.task, reward_override=reward_specs(cfg.reward), device=cfg.device)
     preflight(cfg.algo, task)
+    trainer = cfg.algo.get("trainer", "offline")
     device = resolve_device(cfg.device)
     quantization_config(cfg.model, device)  # QLoRA without a GPU stops here, before any stage
     for reward in {id(r): r for r in (task.reward, task.test_reward) if r is not None}.values():
@@ -82,7 +90,7 @@ def run_train(cfg, run_dir: Path) -> dict:
                                 lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
-                     lambda out: run_rl(cfg, task, sft, advantage, out, metrics, device))
+                     lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device))
     evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
     ref_eval = cache.stage("eval", {**evaluation, "policy": f"sft/{sft.name}"},
                            lambda out: run_eval(cfg, task, sft, out, device), label="eval_ref")

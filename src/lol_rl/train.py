@@ -74,8 +74,12 @@ class BatchSource:
         picks, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return picks
 
+    def draw(self) -> torch.Tensor:
+        """The row indices of the next batch."""
+        return self.keep[self._draw()]
+
     def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        indices = self.keep[self._draw()]
+        indices = self.draw()
         batch = self.rows.batch(indices.tolist(), self.groups)
         if self.ragged:
             width = int(batch["response_lengths"].max())

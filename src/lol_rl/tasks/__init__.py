@@ -50,6 +50,8 @@ class Task:
     def provides(self) -> set[str]:
         train = self.splits["train"]
         have = {"reference", "reward", "advantage"}
+        if self.reward is not None:
+            have.add("scorer")
         if all(e.rejected is not None for e in train):
             have.add("preferences")
         same_length = len({len(e.ranking) for e in train if e.ranking is not None}) == 1

@@ -1,0 +1,265 @@
+"""Online PPO, the paper's online baseline (PAPER.md "PPO"), on the offline algorithms'
+pipeline: it starts from the cached sft pi_ref, validates and keeps the best checkpoint as
+train.optimize does, and its policy goes through the same eval stage.
+
+    lol-rl train algo=ppo                          # the embedded task
+    lol-rl train algo=ppo algo.params.step_multiple=1.0 seed=2
+
+One update ("step", like an offline step it trains on rl.batch_size responses):
+  1. rollout: one sampled response per train prompt from the current policy (KV cache);
+  2. score: the task's composite reward of the whole response, given at its last token;
+  3. log-probs under the policy (old) and pi_ref (the adapter disabled; a frozen copy only
+     for a small full-weight policy), values from a head on the policy's last hidden states;
+  4. per-token rewards -kl_coef * (lp_old - lp_ref) plus the score at the end; GAE;
+  5. `epochs` passes of `minibatches` minibatches: clipped surrogate + vf_coef * clipped
+     value loss - ent_coef * entropy; the KL coefficient adapts towards kl_target.
+Updates = step_multiple x rl.steps (the paper gives PPO 2.6x the offline steps).
+
+Written here, not taken from TRL: TRL's PPO trainer owns the data loader, expects a reward
+model module and a second reference model, and has no hook for our validation and cache; the
+maths is five small functions in losses.py, tested against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .data import encode_rows
+from .logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
+from .losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
+from .models import add_adapter, autocast, load_policy, make_optimizer, reference_policy, save_policy
+from .progress import progress_disabled
+from .rewards import RewardError
+from .tasks import Task
+from .tracking import MetricsLogger
+from .train import BatchSource, NonFiniteError, make_validator
+
+log = logging.getLogger(__name__)
+
+
+class TokenValueHead(torch.nn.Module):
+    """V(s_t): a linear map of the policy's last hidden state before each response token."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+class RunningMoments:
+    """Running mean and std of the scores over all updates (TRL's use_score_norm)."""
+
+    def __init__(self):
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    def update(self, values: torch.Tensor) -> None:
+        n, mean, var = len(values), values.mean().item(), values.var(unbiased=False).item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalise(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / math.sqrt(self.var + 1e-8)
+
+
+def policy_outputs(model, value_head, batch: dict[str, torch.Tensor]):
+    """One forward: per response token (B, R) log-probs, entropies and values, and the mask."""
+    attention_mask = batch["attention_mask"]
+    with autocast(batch["input_ids"].device):
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask), output_hidden_states=True)
+    positions, targets, mask = response_positions(batch)
+    log_probs = torch.log_softmax(gather_positions(out.logits, positions).float(), dim=-1)
+    logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    values = value_head(gather_positions(out.hidden_states[-1], positions))
+    return logprobs, entropy, values.masked_fill(~mask, 0.0), mask
+
+
+@torch.no_grad()
+def sample_responses(model, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                     temperature: float, top_p: float) -> list[list[int]]:
+    """One sampled response per prompt, as token ids ending at (and including) the first EOS."""
+    model.eval()
+    batch = pad_batch(prompt_ids, [[] for _ in prompt_ids], pad_id, side="left")
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    responses = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        responses.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return responses
+
+
+def reference_logprobs(model, frozen_reference, batch):
+    """Response log-probs under pi_ref: the adapter-disabled policy, or a frozen copy."""
+    with torch.no_grad(), autocast(batch["input_ids"].device):
+        if frozen_reference is not None:
+            return response_logprobs(frozen_reference, batch)[0].float()
+        with reference_policy(model):
+            return response_logprobs(model, batch)[0].float()
+
+
+class Rollouts:
+    """The fresh experience of one update: sequences, scores and per-token tensors (B, R)."""
+
+    def __init__(self, batch, scores, old_logprobs, ref_logprobs, old_values, mask):
+        self.batch, self.scores, self.mask = batch, scores, mask
+        self.old_logprobs, self.ref_logprobs, self.old_values = old_logprobs, ref_logprobs, old_values
+        self.advantages = self.returns = None
+
+    def estimate(self, params, kl_coef: float, normalised_scores: torch.Tensor) -> None:
+        rewards = token_rewards(normalised_scores, self.old_logprobs, self.ref_logprobs, self.mask, kl_coef)
+        advantages, self.returns = gae(rewards, self.old_values, self.mask, params.gamma, params.lam)
+        self.advantages = whiten(advantages, self.mask) if params.whiten_advantages else advantages
+
+    def minibatch(self, rows: torch.Tensor) -> tuple[dict, dict]:
+        width = int(self.batch["response_lengths"][rows].max())
+        tensors = {k: v[rows] for k, v in self.batch.items()}
+        per_token = {name: getattr(self, name)[rows, :width]
+                     for name in ("old_logprobs", "old_values", "advantages", "returns", "mask")}
+        return tensors, per_token
+
+
+def collect(model, value_head, frozen_reference, tokenizer, task: Task, rows, indices: list[int], params, cfg,
+            device, update: int) -> tuple[Rollouts, list[str]]:
+    """Steps 1-3 of an update for the train prompts `indices`."""
+    examples = [task.splits["train"][i] for i in indices]
+    prompt_ids = [rows.prompt_ids[i] for i in indices]
+    responses = sample_responses(model, prompt_ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                 max_new_tokens=cfg.generation.max_new_tokens, temperature=params.temperature,
+                                 top_p=params.top_p)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    try:
+        scores, _ = task.reward.score([e.prompt for e in examples], texts, ids=[e.id for e in examples])
+    except RewardError as err:
+        raise RewardError(f"rl (ppo) update {update}: {err}") from None
+    batch = to_device(pad_batch(prompt_ids, responses, tokenizer.pad_token_id), device)
+    with torch.no_grad():
+        old_logprobs, _, old_values, mask = policy_outputs(model, value_head, batch)
+    ref_logprobs = reference_logprobs(model, frozen_reference, batch)
+    rollouts = Rollouts(batch, torch.as_tensor(scores, dtype=torch.float32, device=device), old_logprobs,
+                        ref_logprobs, old_values, mask)
+    return rollouts, texts
+
+
+def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, params, grad_clip: float,
+               generator: torch.Generator, update: int, row_ids: list[str]) -> dict[str, float]:
+    """Step 5: `epochs` passes of shuffled minibatches over one update's rollouts."""
+    n = len(rollouts.scores)
+    size = math.ceil(n / params.minibatches)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(params.epochs):
+        for rows in torch.randperm(n, generator=generator).split(size):
+            rows = rows.to(rollouts.scores.device)
+            batch, old = rollouts.minibatch(rows)
+            logprobs, entropy, values, mask = policy_outputs(model, value_head, batch)
+            pg_loss, pg_metrics = ppo_policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask, clip=params.clip)
+            vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask, clip=params.value_clip)
+            mean_entropy = masked_mean(entropy, mask)
+            loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            if not torch.isfinite(loss.detach() + grad_norm):
+                raise NonFiniteError(f"rl (ppo): non-finite loss or gradient at update {update} "
+                                     f"(loss {loss.item()}, grad norm {grad_norm.item()}) on train prompts "
+                                     f"{[row_ids[i] for i in rows.tolist()]}")
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
+                                "grad_norm": grad_norm, **pg_metrics, **vf_metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float().item()
+    return {name: value / steps for name, value in totals.items()}
+
+
+def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
+            device) -> None:
+    """Stage 4 with the online loop: PPO from pi_ref; the best checkpoint by validation reward
+    is saved to `out_dir/policy`, as run_rl does."""
+    params = cfg.algo.params
+    if task.reward is None:
+        raise ValueError(f"algo {cfg.algo.name} scores its own samples and task {task.name} has no reward scorer")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(sft_dir, device, cfg.model)
+    frozen_reference = None
+    if cfg.model.get("lora"):  # a fresh adapter over pi_ref: disabling it gives the reference back
+        model = add_adapter(model, cfg.model)
+    else:  # a full-weight policy is small (model=tiny, gpt2): a frozen copy is the reference
+        frozen_reference, _ = load_policy(sft_dir, device, cfg.model)
+        frozen_reference.eval().requires_grad_(False)
+    model.eval()  # no dropout: the old and new log-probs of a rollout must come from one function
+    value_head = TokenValueHead(model.config.hidden_size).to(device)
+    trainable = torch.nn.ModuleDict({"policy": model, "value_head": value_head})
+
+    updates = max(1, round(params.step_multiple * cfg.rl.steps))
+    steps_per_update = params.epochs * min(params.minibatches, cfg.rl.batch_size)
+    opt_cfg = {**cfg.rl, "lr": params.lr_scale * cfg.rl.lr}
+    optimizer = make_optimizer(trainable, OmegaConf.create(opt_cfg), cfg.model.get("optimizer", "adamw"))
+    scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
+                              num_training_steps=updates * steps_per_update)
+    train = task.splits["train"]
+    rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    prompts = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.rl.batch_size, cfg.seed, shuffle=True)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    row_ids = [e.id for e in train]
+    score_moments = RunningMoments()
+    kl_coef = params.kl_coef
+    validate = make_validator(task, tokenizer, cfg)
+    best = {"score": -math.inf, "step": 0}
+    started = time.perf_counter()
+    rollout_seconds = 0.0
+
+    def save_best(step, score):
+        save_policy(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
+        (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
+
+    log.info("rl: ppo for %d updates of %d rollouts (%.1fx rl.steps), %d epochs x %d minibatches each",
+             updates, cfg.rl.batch_size, params.step_multiple, params.epochs, params.minibatches)
+    for update in tqdm(range(1, updates + 1), desc="rl (ppo)", disable=progress_disabled()):
+        rollout_started = time.perf_counter()
+        indices = prompts.draw().tolist()
+        rollouts, texts = collect(model, value_head, frozen_reference, tokenizer, task, rows, indices, params, cfg,
+                                  device, update)
+        rollout_seconds += time.perf_counter() - rollout_started
+        scores = rollouts.scores
+        if params.score_norm:
+            score_moments.update(scores)
+            scores = score_moments.normalise(scores)
+        rollouts.estimate(params, kl_coef, scores)
+        kl = (rollouts.old_logprobs - rollouts.ref_logprobs).mul(rollouts.mask).sum(-1).mean().item()
+        values = ppo_epochs(model, value_head, rollouts, optimizer, scheduler, params, cfg.rl.grad_clip, generator,
+                            update, [row_ids[i] for i in indices])
+        metrics.log("rl", update, reward=rollouts.scores.mean().item(), kl=kl, kl_coef=kl_coef,
+                    response_tokens=rollouts.mask.sum(-1).float().mean().item(),
+                    length=sum(len(t.split()) for t in texts) / len(texts),
+                    lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started, **values)
+        if params.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, kl, params.kl_target, len(indices), params.kl_horizon)
+        if validate is not None and (update % cfg.rl.val_interval == 0 or update == updates):
+            score, details = validate(model)
+            metrics.log("rl/validation", update, reward=score, **details)
+            if score > best["score"]:
+                best = {"score": score, "step": update}
+                save_best(update, score)
+    summary = {"best_validation_reward": best["score"], "best_step": best["step"], "steps": updates,
+               "optimizer_steps": updates * steps_per_update, "sequences": updates * cfg.rl.batch_size,
+               "seconds": time.perf_counter() - started, "rollout_seconds": rollout_seconds}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

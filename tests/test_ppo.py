@@ -1,0 +1,95 @@
+"""Online PPO: the maths against hand-computed values, then the loop on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lol_rl.losses import adaptive_kl_coef, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
+from lol_rl.ppo import RunningMoments
+
+MASK = torch.tensor([[True, True, True], [True, True, False]])  # the second response is 2 tokens
+
+
+def test_token_rewards_put_the_kl_penalty_on_every_token_and_the_score_on_the_last():
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, 0.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -0.5], [-2.0, -1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([1.0, 2.0]), logprobs, ref_logprobs, MASK, kl_coef=0.5)
+    # -0.5 * (lp - ref): row 1 [-0.25, 0, 0.25] + 1 at t=2; row 2 [-0.5, 0, pad] + 2 at t=1
+    assert torch.allclose(rewards, torch.tensor([[-0.25, 0.0, 1.25], [-0.5, 2.0, 0.0]]))
+
+
+def test_gae_matches_hand_computed_values():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.2, 9.0]])  # 9.0 sits on padding: never read
+    advantages, returns = gae(rewards, values, MASK, gamma=1.0, lam=0.95)
+    # row 1: A2 = 1 - .5 = .5; A1 = (0 + .5 - .5) + .95 * .5 = .475; A0 = 0 + .95 * .475 = .45125
+    # row 2 ends at t=1 (terminal): A1 = 2 - .2 = 1.8; A0 = (0 + .2 - .1) + .95 * 1.8 = 1.81
+    assert torch.allclose(advantages, torch.tensor([[0.45125, 0.475, 0.5], [1.81, 1.8, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[0.95125, 0.975, 1.0], [1.91, 2.0, 0.0]]))
+
+
+def test_gae_with_discount():
+    advantages, _ = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]), MASK[:1], gamma=0.9, lam=0.5)
+    # A2 = .5; A1 = (.9 * .5 - .5) + .45 * .5 = .175; A0 = (.45 - .5) + .45 * .175 = .02875
+    assert torch.allclose(advantages, torch.tensor([[0.02875, 0.175, 0.5]]))
+
+
+def test_clipped_surrogate_takes_the_pessimistic_side_of_each_token():
+    old = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -1.0]])
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5, 3.0]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0, 7.0]])
+    mask = torch.tensor([[True, True, True, True, False]])  # the last token is padding
+    loss, metrics = ppo_policy_loss(old + ratios.log(), old, advantages, mask, clip=0.2)
+    # max(-A r, -A clip(r)): -1.2 (gain capped), -0.5, 0.8 (loss not capped), 1.5
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4)
+    assert metrics["clip_fraction"].item() == pytest.approx(1.0)
+    assert metrics["ratio"].item() == pytest.approx(1.0)
+
+
+def test_surrogate_gradient_is_zero_where_the_ratio_is_clipped_in_the_advantage_direction():
+    old = torch.zeros(1, 2)
+    logprobs = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)
+    loss, _ = ppo_policy_loss(logprobs, old, torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool), clip=0.2)
+    loss.backward()
+    # token 0 is past 1 + clip with A > 0: no push further; token 1: d(-r A / 2)/d lp = -1.1 / 2
+    assert logprobs.grad[0, 0].item() == 0.0
+    assert logprobs.grad[0, 1].item() == pytest.approx(-0.55)
+
+
+def test_clipped_value_loss():
+    values = torch.tensor([[1.0, 0.0]])
+    old_values = torch.tensor([[0.5, 0.5]])
+    returns = torch.tensor([[2.0, 0.0]])
+    loss, metrics = ppo_value_loss(values, old_values, returns, torch.ones(1, 2, dtype=torch.bool), clip=0.2)
+    # token 0: max((1-2)^2, (0.7-2)^2) = 1.69; token 1: max(0, (0.3-0)^2) = 0.09
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert metrics["value_clip_fraction"].item() == pytest.approx(1.0)
+
+
+def test_adaptive_kl_moves_towards_the_target_by_at_most_twenty_percent_per_horizon():
+    assert adaptive_kl_coef(0.2, kl=12.0, target=6.0, n_steps=16, horizon=10000) == pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))
+    assert adaptive_kl_coef(0.2, kl=3.0, target=6.0, n_steps=16, horizon=10000) == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000))
+    assert adaptive_kl_coef(0.2, kl=6.6, target=6.0, n_steps=100, horizon=100) == pytest.approx(0.2 * 1.1)
+
+
+def test_whiten_uses_only_the_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    out = whiten(values, MASK)
+    kept = out[MASK]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert out[1, 2].item() == 0.0
+
+
+def test_running_moments_equal_the_moments_of_everything_seen():
+    first, second = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 0.0])
+    moments = RunningMoments()
+    moments.update(first)
+    moments.update(second)
+    everything = torch.cat([first, second])
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.var == pytest.approx(everything.var(unbiased=False).item())
