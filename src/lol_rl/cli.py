@@ -4,7 +4,12 @@
     lol-rl train task=toy algo=nll seed=2      # any config override (Hydra syntax)
     lol-rl train -m algo=alol,nll seed=1,2,3   # a sweep; shared stages are built once
 
-Configs live in conf/ at the repository root (config.yaml lists every key).
+    lol-rl judge a=<run dir> b=test_good n=400 judge=gpt4 out=judged/x   # pairwise win rates, LLM judge
+    lol-rl judge export a=<run dir> b=test_good out=human/x              # forms for human annotators
+    lol-rl judge import out=human/x answers=[a1.csv,a2.csv,a3.csv] verdicts=judged/x/verdicts.jsonl
+
+Configs live in conf/ at the repository root (config.yaml lists every key of train, judge.yaml
+of judge; `export` and `import` after `judge` are the same as mode=export / mode=import).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from .schema import register as _register_schema
 
 CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
 _register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
-COMMANDS = ("train",)
+COMMANDS = ("train", "judge")
+JUDGE_MODES = ("export", "import")  # `lol-rl judge export ...`: sub-modes of one Hydra app
 
 
 class _GenerateMaskNotice(logging.Filter):
@@ -57,6 +63,25 @@ def _train_app():
     return train
 
 
+def _judge_app():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .judge import JudgeError, run
+    from .rewards import RewardError
+    from .tasks import DataError
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="judge")
+    def judge(cfg) -> None:
+        try:
+            run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except (DataError, JudgeError, RewardError) as err:  # one clear line, not a traceback
+            print(f"lol-rl: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return judge
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -70,7 +95,13 @@ def main() -> None:
     sys.path.insert(0, os.getcwd())  # `reward=my_module:score` imports from where lol-rl runs, as `python -m` would
     command = sys.argv.pop(1)
     sys.argv[0] = f"lol-rl {command}"
-    {"train": _train_app}[command]()()
+    if command == "judge" and len(sys.argv) > 1 and sys.argv[1] in JUDGE_MODES:
+        sys.argv.append(f"mode={sys.argv.pop(1)}")
+    if command == "judge" and not any(arg.startswith("out=") for arg in sys.argv) and "--help" not in sys.argv:
+        # Hydra's run dir is `out`; without it Hydra fails with a page of traceback
+        print("lol-rl: judge needs out=<dir> (the verdicts go there; the same out continues a killed run)", file=sys.stderr)
+        raise SystemExit(2)
+    {"train": _train_app, "judge": _judge_app}[command]()()
 
 
 if __name__ == "__main__":

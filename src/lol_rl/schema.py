@@ -89,6 +89,39 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class JudgeEndpointConfig:
+    """A judge: any OpenAI-compatible chat-completions endpoint (conf/judge/*.yaml)."""
+
+    name: str = MISSING
+    base_url: str = MISSING
+    model: str = MISSING
+    api_key_env: Optional[str] = MISSING
+    temperature: float = MISSING
+    max_tokens: int = MISSING
+
+
+@dataclass
+class JudgeRunConfig:
+    """`lol-rl judge` (conf/judge.yaml)."""
+
+    judge: JudgeEndpointConfig = field(default_factory=JudgeEndpointConfig)
+    task: Any = None
+    mode: str = MISSING
+    a: Optional[str] = MISSING
+    b: str = MISSING
+    n: int = MISSING
+    seed: int = MISSING
+    segments: Optional[list[str]] = MISSING
+    out: str = MISSING
+    max_retries: int = MISSING
+    timeout: float = MISSING
+    answers: Optional[list[str]] = MISSING
+    verdicts: Optional[str] = MISSING
+
+
 def register() -> None:
-    """Make the schema available to conf/config.yaml as `defaults: [run_schema, ...]`."""
+    """Make the schemas available to conf/config.yaml and conf/judge.yaml as
+    `defaults: [run_schema, ...]` and `[judge_schema, ...]`."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    ConfigStore.instance().store(name="judge_schema", node=JudgeRunConfig)
