@@ -405,6 +405,12 @@ def test_human_round_trip(server, systems, tmp_path):
     assert "| helpful-base | more helpful | 4 | 50.0 | 0.0 | 0.0 | 50.0 | 0 |" in text
     # both have a verdict on 1, 2, 3, 5, 6, 7 (the LLM's 4 is inconsistent, 8 unreadable); 6 differs
     assert "agreement with the LLM judge: 83.3% of 6 pairs" in text
+    swapped = tmp_path / "swapped"  # verdicts about other systems (b vs a) are refused, not compared
+    judge(server, (b, a), swapped)
+    cfg = judge_config(human, "mode=import", f"answers=[{','.join(map(str, files))}]",
+                       f"verdicts={swapped / 'verdicts.jsonl'}")
+    with pytest.raises(DataError, match=r"judging.json: judged a = .* other responses than the form's"):
+        run(cfg, human)
 
 
 def test_human_answers_are_checked(tmp_path):

@@ -46,12 +46,13 @@ def anonymise(pairs: list[Pair], seed: int) -> tuple[list[dict], dict[str, dict]
     return items, key
 
 
-def export_forms(pairs: list[Pair], seed: int, a_label: str, b_label: str, out: Path) -> None:
+def export_forms(pairs: list[Pair], seed: int, systems: dict, out: Path) -> None:
     """form.html (self-contained: the annotator answers and downloads a CSV), form.csv (the same
-    pairs with an empty answer column) and human_key.json (not for annotators)."""
+    pairs with an empty answer column) and human_key.json (not for annotators): `systems`
+    (labels and response fingerprints of a and b) and, per form pair, which side a is on."""
     items, key = anonymise(pairs, seed)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "human_key.json", json.dumps({"a": a_label, "b": b_label, "pairs": key}, indent=2))
+    atomic_write(out / "human_key.json", json.dumps({**systems, "pairs": key}, indent=2))
     atomic_write(out / "form.html", form_html(items))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FORM_COLUMNS)
@@ -122,11 +123,12 @@ def llm_outcomes(verdicts_path: Path) -> dict[str, str]:
 
 def check_same_systems(key: dict, verdicts_path: Path) -> None:
     manifest_path = verdicts_path.parent / "judging.json"
-    if manifest_path.is_file():  # the LLM judging names its systems: they must be the form's
+    if manifest_path.is_file():  # the LLM judging fingerprints its systems: they must be the form's
         manifest = read_json(manifest_path, dict, "the judging's manifest")
-        if (manifest.get("a"), manifest.get("b")) != (key["a"], key["b"]):
+        fields = ("a_responses", "b_responses")
+        if [manifest.get(f) for f in fields] != [key.get(f) for f in fields]:
             raise DataError(f"{manifest_path}: judged a = {manifest.get('a')!r} vs b = {manifest.get('b')!r}, "
-                            f"but the form compares a = {key['a']!r} vs b = {key['b']!r}")
+                            f"other responses than the form's a = {key['a']!r} vs b = {key['b']!r}")
 
 
 def import_answers(out: Path, answer_files: list[Path], verdicts_path: Path | None) -> str:

@@ -65,7 +65,7 @@ def run_label(spec: str) -> str:
     return spec
 
 
-def test_good_system(cfg, a_spec: str) -> System:
+def reference_responses(cfg, a_spec: str) -> System:
     """The test split's logged responses of the task named by `task=`, or by run a's config."""
     from ..tasks import LOADERS
 
@@ -94,7 +94,7 @@ def load_systems(cfg) -> tuple[System, System]:
     a_file = generations_file(cfg.a)
     a = System(run_label(cfg.a), str(a_file), read_generations(a_file))
     if cfg.b == TEST_GOOD:
-        return a, test_good_system(cfg, cfg.a)
+        return a, reference_responses(cfg, cfg.a)
     b_file = generations_file(cfg.b)
     return a, System(run_label(cfg.b), str(b_file), read_generations(b_file))
 
@@ -113,13 +113,18 @@ def fingerprint(system: System) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+# what verdicts belong to: the very responses judged, the judge and its prompt (not n, seed or
+# segments, which only choose pairs, nor the labels, which only name the systems)
+IDENTITY = ("a_responses", "b_responses", "judge", "prompt")
+
+
 def check_manifest(path: Path, manifest: dict) -> None:
     """An out dir holds the verdicts of one judge on one a and b with one prompt. Another n, seed
     or segments may reuse them (the calls already made are not paid again); anything else must
     not, so it is refused rather than mixed in."""
     if path.is_file():
         before = read_json(path, dict, "the judging's manifest")
-        changed = [key for key in manifest if before.get(key) != manifest[key]]
+        changed = [key for key in IDENTITY if before.get(key) != manifest[key]]
         if changed:
             raise JudgeError(f"{path.parent} holds verdicts of another judging (different {', '.join(changed)}); "
                              f"give another out= or delete that dir")
@@ -176,7 +181,8 @@ def write_llm_table(cfg, a: System, b: System, pairs: list[Pair], done: dict, ou
 
 def run_export(cfg, out: Path) -> None:
     a, b, pairs = sampled_pairs(cfg)
-    export_forms(pairs, cfg.seed, a.label, b.label, out)
+    systems = {"a": a.label, "a_responses": fingerprint(a), "b": b.label, "b_responses": fingerprint(b)}
+    export_forms(pairs, cfg.seed, systems, out)
     print(f"{len(pairs)} pairs for annotators: {out / 'form.html'} (or {out / 'form.csv'}); "
           f"the key stays in {out / 'human_key.json'}")
 
