@@ -480,7 +480,7 @@ def test_cli_judge_keeps_the_api_key_secret(server, systems, tmp_path):
         assert line in proc.stdout
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"verdicts.jsonl", "table.md", "table.csv", "judging.json", "config.yaml"} <= {p.name for p in files}
-    assert "OPENAI_API_KEY" in (out / ".hydra" / "config.yaml").read_text()  # the variable's name, not its value
+    assert "OPENAI_API_KEY" in (out / ".hydra-judge" / "config.yaml").read_text()  # the variable's name, not its value
     for path in files:
         assert secret not in path.read_text(errors="replace"), path
     assert secret not in proc.stdout + proc.stderr
