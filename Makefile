@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench-embedded
+.PHONY: install demo test bench-embedded bench-ppo
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)" -e '.[dev]'
@@ -17,3 +17,6 @@ test: install          ## install, then the test suite (what CI runs)
 
 bench-embedded: install  ## seeds 1-3 of the default chain with NLL, NLL on A>0 rows and A-LOL
 	$(PYTHON) scripts/bench_embedded.py
+
+bench-ppo: install       ## seeds 1-3: online PPO next to A-LOL (test reward, length, distinct-n, time per 1000 sequences)
+	$(PYTHON) scripts/bench_ppo.py

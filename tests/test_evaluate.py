@@ -66,7 +66,7 @@ def test_score_generations_summary_by_hand():
 
 def test_non_finite_component_is_named():
     task = _task({"broken": lambda prompts, responses: [0.0, float("nan"), 1.0]})
-    with pytest.raises(RewardError, match="'broken'.*row t1"):
+    with pytest.raises(RewardError, match="'broken'.*prompt id t1"):
         score_generations(task.reward, task.splits["test"], ["x", "y", "z"])
 
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+
+from lol_rl.cli import CONF_DIR
 
 from lol_rl.losses import adaptive_kl_coef, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from lol_rl.ppo import RunningMoments
+from lol_rl.tasks import build_task
 
 MASK = torch.tensor([[True, True, True], [True, True, False]])  # the second response is 2 tokens
 
@@ -93,3 +100,74 @@ def test_running_moments_equal_the_moments_of_everything_seen():
     everything = torch.cat([first, second])
     assert moments.mean == pytest.approx(everything.mean().item())
     assert moments.var == pytest.approx(everything.var(unbiased=False).item())
+
+
+# --- the loop, through the real entrypoint, on the embedded task with a tiny budget -------------
+
+from test_cli import TINY, lol_rl  # noqa: E402
+
+# 60 sft steps give a pi_ref that says a word or two; PPO's rate is lr_scale (0.1) x rl.lr
+PPO = [*TINY, "sft.steps=60", "algo=ppo", "rl.steps=10", "algo.params.step_multiple=3", "rl.val_interval=10",
+       "rl.lr=3e-3"]
+PER_UPDATE = {"reward", "kl", "kl_coef", "clip_fraction", "approx_kl", "value_loss", "entropy", "length",
+              "response_tokens", "policy_loss"}
+
+
+def rl_records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["stage"] == "rl"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("ppo")
+    proc = lol_rl("train", *PPO, f"hydra.run.dir={workspace / 'run'}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return workspace / "run", proc
+
+
+def test_ppo_logs_every_update_and_runs_step_multiple_times_the_offline_steps(ppo_run):
+    run_dir, _ = ppo_run
+    records = rl_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 31))  # 3 x rl.steps updates, one record each
+    assert all(PER_UPDATE <= set(r) and all(math.isfinite(r[k]) for k in PER_UPDATE) for r in records)
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert "value" not in stages and "advantage" not in stages  # PPO scores its own samples
+    summary = json.loads((Path(stages["rl"]["dir"]) / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["sequences"] == 30 * 16
+    assert summary["optimizer_steps"] == 30 * 4 * 4  # epochs x minibatches per update
+
+
+def test_ppo_policy_goes_through_the_same_eval_as_the_offline_algorithms(ppo_run):
+    run_dir, proc = ppo_run
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert set(results["policy"]["rewards"]) == {"correct", "polite", "concise"}
+    assert results["policy"]["n"] == results["reference"]["n"] == 40
+    assert "| ppo (seed 1) |" in proc.stdout
+
+
+def test_ppo_raises_the_mean_rollout_reward_over_its_first_rollouts(ppo_run):
+    rewards = [r["reward"] for r in rl_records(ppo_run[0])]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
+
+
+def test_a_nan_reward_stops_ppo_naming_the_component_and_the_prompt_and_keeps_what_was_written(tmp_path, monkeypatch):
+    (tmp_path / "nan_scorer.py").write_text(
+        "def score(prompts, responses):\n"
+        "    return [float('nan') if p.startswith('add:') else 0.5 for p in prompts]\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    cache = tmp_path / "cache"
+    proc = lol_rl("train", *PPO, "reward=nan_scorer:score", f"hydra.run.dir={tmp_path / 'run'}", cache=cache)
+    assert proc.returncode == 2
+    message = proc.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"lol-rl: rl \(ppo\) update 1: reward component 'nan_scorer:score' returned nan for "
+                         r"prompt id (\S+) \('(add: [^']*)'\)", message)
+    assert match, message
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        task_cfg = compose("config", overrides=[o for o in TINY if o.startswith("task.")]).task
+    train = {e.id: e.prompt for e in build_task(task_cfg).splits["train"]}
+    assert train[match.group(1)] == match.group(2)  # the id is the offending prompt's
+    sft_dirs = list((cache / "sft").iterdir())
+    assert len(sft_dirs) == 1 and (sft_dirs[0] / "summary.json").is_file()  # pi_ref survives, complete
+    assert not (cache / "rl").exists() or not any((cache / "rl").iterdir())  # no half-written rl artifact
+    assert any(r["stage"] == "sft" for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))

@@ -53,8 +53,8 @@ class CompositeReward:
             bad = np.flatnonzero(~np.isfinite(values))
             if bad.size:
                 i = int(bad[0])
-                row = ids[i] if ids is not None else i
-                raise RewardError(f"reward component '{name}' returned {values[i]} for row {row} (prompt {prompts[i]!r})")
+                which = f"prompt id {ids[i]}" if ids is not None else f"row {i}"
+                raise RewardError(f"reward component '{name}' returned {values[i]} for {which} ({prompts[i]!r})")
             per_component[name] = values
         total = np.sum(list(per_component.values()), axis=0)
         return total, per_component

@@ -1,0 +1,95 @@
+"""Benchmark (not a test): online PPO next to A-LOL on the embedded task, from an empty cache.
+
+    python scripts/bench_ppo.py                      # seeds 1 2 3, prints a table
+    python scripts/bench_ppo.py --seeds 1 --json out.json algo.params.step_multiple=1.0
+
+Each seed runs `lol-rl train -m algo=alol,ppo` with seed, sft.seed and value.seed set to it,
+so both start from the same pi_ref (which varies with the seed). Prints, as mean +- std over
+seeds, the test reward per component, length and distinct-1/2/3 of pi_ref, A-LOL and PPO,
+and the rl stage's wall time per 1,000 training sequences: an offline step trains on
+rl.batch_size logged responses, a PPO update generates rl.batch_size responses and trains on
+them for its epochs (generation, scoring and validation included in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ALGOS = ("alol", "ppo")
+
+
+def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
+    sweep = workdir / f"seed{seed}"
+    cmd = ["lol-rl", "train", "-m", f"algo={','.join(ALGOS)}", f"seed={seed}", f"sft.seed={seed}",
+           f"value.seed={seed}", f"hydra.sweep.dir={sweep}", *extra]
+    env = {**os.environ, "LOL_RL_CACHE": str(workdir / "cache"), "CI": "true"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    runs = {}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "eval.json").exists()):
+        config = OmegaConf.load(job / "config.yaml")
+        stages = json.loads((job / "stages.json").read_text())
+        summary = json.loads((Path(stages["rl"]["dir"]) / "summary.json").read_text())
+        runs[config.algo.name] = {
+            "eval": json.loads((job / "eval.json").read_text()),
+            "rl_seconds": stages["rl"]["seconds"],
+            "sequences": summary["steps"] * config.rl.batch_size,
+            "rollout_seconds": summary.get("rollout_seconds"),
+        }
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--json", type=Path, help="also write the figures as one JSON object here")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. algo.params.step_multiple=1.0")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-ppo-") as tmp:
+        results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
+
+    rows = {"pi_ref": [r["alol"]["eval"]["reference"] for r in results.values()]}
+    rows.update({algo: [r[algo]["eval"]["policy"] for r in results.values()] for algo in ALGOS})
+    components = list(rows["pi_ref"][0]["rewards"])
+    print(f"seeds: {args.seeds}\n\ntest split (mean +- std over seeds)")
+    print("| policy | reward | " + " | ".join(components) + " | length | distinct-1 | distinct-2 | distinct-3 |")
+    print("|---|---|" + "---|" * (len(components) + 4))
+    for name, metrics in rows.items():
+        cells = [mean_std([m["reward"] for m in metrics]),
+                 *(f"{statistics.mean(m['rewards'][c] for m in metrics):.3f}" for c in components),
+                 mean_std([m["length"] for m in metrics]),
+                 *(mean_std([m["distinct"][n] for m in metrics]) for n in range(3))]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    print("\nrl stage wall time")
+    print("| algo | training sequences | rl seconds | seconds per 1000 sequences | of which rollouts |")
+    print("|---|---|---|---|---|")
+    timing = {}
+    for algo in ALGOS:
+        per_seed = [r[algo] for r in results.values()]
+        per_1000 = [1000 * r["rl_seconds"] / r["sequences"] for r in per_seed]
+        rollouts = [r["rollout_seconds"] / r["rl_seconds"] for r in per_seed if r["rollout_seconds"] is not None]
+        timing[algo] = {"per_1000": per_1000, "rollout_share": rollouts}
+        print(f"| {algo} | {per_seed[0]['sequences']} | {mean_std([r['rl_seconds'] for r in per_seed])} | "
+              f"{mean_std(per_1000)} | {f'{statistics.mean(rollouts):.0%}' if rollouts else '-'} |")
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": args.seeds, "test": rows, "timing": timing}, indent=2))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
