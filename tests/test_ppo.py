@@ -171,3 +171,35 @@ def test_a_nan_reward_stops_ppo_naming_the_component_and_the_prompt_and_keeps_wh
     assert len(sft_dirs) == 1 and (sft_dirs[0] / "summary.json").is_file()  # pi_ref survives, complete
     assert not (cache / "rl").exists() or not any((cache / "rl").iterdir())  # no half-written rl artifact
     assert any(r["stage"] == "sft" for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+
+
+# --- with a LoRA policy: the reference is the same weights with the adapter disabled ---------
+
+from test_models import CPU, LORA, LORA_RUN, TEXTS, _perturb_adapter, model_cfg, pretrained_dir  # noqa: E402,F401
+
+
+def test_ppo_reference_is_the_adapter_disabled_policy(pretrained_dir):  # noqa: F811 (the fixture)
+    from lol_rl.logprobs import pad_batch, response_logprobs
+    from lol_rl.models import initial_policy, load_policy
+    from lol_rl.ppo import reference_logprobs
+
+    base, tokenizer = load_policy(pretrained_dir, CPU)
+    policy, _ = initial_policy(model_cfg(pretrained_dir, lora=LORA), [], CPU)
+    _perturb_adapter(policy)
+    ids = tokenizer(TEXTS[:2], add_special_tokens=False)["input_ids"]
+    batch = pad_batch([row[:5] for row in ids], [row[5:12] for row in ids], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected, _ = response_logprobs(base, batch)
+        adapted, _ = response_logprobs(policy, batch)
+    assert not torch.allclose(adapted, expected)  # the adapter does change the policy
+    torch.testing.assert_close(reference_logprobs(policy, None, batch), expected)
+
+
+def test_ppo_with_a_lora_policy_saves_an_adapter_over_pi_ref(pretrained_dir, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    proc = lol_rl("train", "model=causal_lm_lora", f"model.path={pretrained_dir}", "model.lora.r=4", *LORA_RUN,
+                  "algo=ppo", "algo.params.step_multiple=1", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert (Path(stages["rl"]["dir"]) / "policy" / "adapter_config.json").is_file()
+    assert len(rl_records(run_dir)) == 6

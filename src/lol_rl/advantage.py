@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import RESPONSE, encode_rows
+from .faults import kill_point
 from .logprobs import response_logprobs, to_device
 from .models import load_policy
 from .progress import progress_disabled
@@ -128,6 +129,7 @@ def run_advantage(cfg, task: Task, sft_dir: Path, value_dir: Path, out_dir: Path
         computed[group] = group
     if task.reward is not None and all(e.ranking is not None for e in examples):
         tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
+    kill_point("advantage:scored")
     torch.save(tensors, out_dir / "advantages.pt")
     with (out_dir / "rows.jsonl").open("w", encoding="utf-8") as f:
         for i, e in enumerate(examples):

@@ -1,7 +1,8 @@
 """Content-addressed stage artifacts: `<root>/<stage>/<key>/`, key = hash of exactly the config
 (and upstream keys) the stage reads. An artifact is built in a temp dir and renamed into place,
 so a directory under its key is always complete; a killed build leaves only a temp dir, which
-is ignored and cleared."""
+is ignored and cleared. A resumable stage (rl) builds in `.partial-<key>/` instead, which
+outlives a killed or failed build so that the next run continues from its checkpoint."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .faults import kill_point
+
 log = logging.getLogger(__name__)
+
+OWNER = "owner.pid"  # in a resumable build dir: the process building it
 
 # bump when an artifact's format or meaning changes, so old artifacts are not reused
 CACHE_VERSION = 2
@@ -61,8 +66,23 @@ class StageCache:
                 log.info("removing half-written %s (its process %d is gone)", temp, pid)
                 shutil.rmtree(temp, ignore_errors=True)
 
-    def stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None = None) -> Path:
-        """The artifact dir of `stage` for `parts`, building it with `build(temp_dir)` if missing."""
+    def _resumable_dir(self, final: Path, key: str) -> Path | None:
+        """`.partial-<key>/`, claimed for this process; None while another live process builds it."""
+        partial = final.parent / f".partial-{key}"
+        owner = partial / OWNER
+        if owner.is_file():
+            pid = int(owner.read_text() or 0)
+            if pid != os.getpid() and _pid_alive(pid):
+                return None
+            log.info("resuming the build in %s (its process %d is gone)", partial, pid)
+        partial.mkdir(exist_ok=True)
+        owner.write_text(str(os.getpid()))
+        return partial
+
+    def stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None = None,
+              resumable: bool = False) -> Path:
+        """The artifact dir of `stage` for `parts`, building it with `build(work_dir)` if missing.
+        A `resumable` build keeps its work dir when it is killed or fails, for the next run."""
         label = label or stage
         key = config_key(stage, parts)
         final = self.root / stage / key
@@ -72,22 +92,31 @@ class StageCache:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         self._clear_stale_temps(final.parent, key)
-        temp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        temp.mkdir()
+        temp = self._resumable_dir(final, key) if resumable else None
+        keep_on_failure = temp is not None
+        if temp is None:
+            temp = final.parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            temp.mkdir()
         log.info("stage %-10s building %s", label, final)
         started = time.perf_counter()
         try:
             (temp / "stage.json").write_text(json.dumps({"stage": stage, "key": key, **_plain(parts)}, indent=2, default=str))
             build(temp)
+            (temp / OWNER).unlink(missing_ok=True)
+            kill_point(f"{stage}:rename")
             os.rename(temp, final)
         except OSError as err:
             if final.is_dir():  # another process finished the same artifact first: keep theirs
                 shutil.rmtree(temp, ignore_errors=True)
             else:
-                shutil.rmtree(temp, ignore_errors=True)
+                if not keep_on_failure:
+                    shutil.rmtree(temp, ignore_errors=True)
                 raise err
         except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
+            if keep_on_failure:
+                log.info("stage %s: kept %s; the next run resumes from its checkpoint", label, temp)
+            else:
+                shutil.rmtree(temp, ignore_errors=True)
             raise
         seconds = time.perf_counter() - started
         log.info("stage %-10s done     in %.1f s", label, seconds)

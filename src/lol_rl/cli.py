@@ -47,7 +47,7 @@ def _train_app():
     from .pipeline import PreflightError, run_train
     from .rewards import RewardError
     from .tasks import DataError
-    from .train import NonFiniteError
+    from .train import CheckpointError, NonFiniteError
 
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers.modeling_utils").addFilter(_GenerateMaskNotice())
@@ -56,7 +56,7 @@ def _train_app():
     def train(cfg) -> None:
         try:
             run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError) as err:  # one clear line, not a traceback
+        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CheckpointError) as err:  # one clear line, not a traceback
             print(f"lol-rl: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 

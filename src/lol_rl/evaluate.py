@@ -7,9 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .generate import generate_with_config
 import numpy as np
 
+from .faults import kill_point
+from .generate import generate_with_config
 from .models import load_policy
 from .rewards import CompositeReward
 from .tasks import Example, Task
@@ -54,6 +55,7 @@ def run_eval(cfg, task: Task, policy_dir: Path, out_dir: Path, device) -> None:
     formatted = [task.format_prompt(e.prompt) for e in examples]
     responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval")]
     scores, total, per_component = score_generations(task.test_reward, examples, responses)
+    kill_point("eval:generated")
     with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
         for i, (example, response) in enumerate(zip(examples, responses)):
             row = {"id": example.id, "prompt": example.prompt, "response": response,

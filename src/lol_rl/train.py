@@ -8,9 +8,12 @@ Reference log-probs come from the advantage cache; the loop never names an algor
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,10 +24,19 @@ from transformers import get_scheduler
 
 from .data import RESPONSE, TokenizedRows, encode_rows, split_groups
 from .evaluate import score_generations
+from .faults import kill_point
 from .generate import generate_with_config
 from .logprobs import response_logprobs, to_device
 from .losses import LOSSES
-from .models import add_adapter, autocast, initial_policy, load_policy, make_optimizer, save_policy, save_reference
+from .models import (
+    add_adapter,
+    autocast,
+    initial_policy,
+    load_policy,
+    make_optimizer,
+    save_policy,
+    save_reference,
+)
 from .progress import progress_disabled
 from .tasks import Task
 from .tracking import MetricsLogger
@@ -74,6 +86,13 @@ class BatchSource:
         picks, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return picks
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = state["order"]
+
     def draw(self) -> torch.Tensor:
         """The row indices of the next batch."""
         return self.keep[self._draw()]
@@ -115,27 +134,79 @@ def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], 
     return call_loss(loss_fn, params, tensors)
 
 
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: Path, state: dict, point: str) -> None:
+    """torch.save to a temp file, then one rename: a kill at any moment leaves the previous
+    checkpoint whole. Written in two halves so that the fault tests can kill between them."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with temp.open("wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        kill_point(point)
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # written atomically, so only a damaged disk or a foreign file gets here
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                              f"delete it to restart this stage from step 0") from None
+
+
+class CheckpointError(RuntimeError):
+    """A resumable stage's checkpoint cannot be read; names the file."""
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient was NaN/inf; names the stage, the step and the batch's rows."""
 
 
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
              metrics: MetricsLogger, validate: Callable | None = None, on_best: Callable | None = None,
-             row_ids: Sequence[str] | None = None, optimizer_name: str = "adamw") -> dict:
+             row_ids: Sequence[str] | None = None, optimizer_name: str = "adamw", checkpoint: Path | None = None) -> dict:
     """Run `opt_cfg.steps` optimizer steps; validate every `val_interval` steps and call
     `on_best(model, step, score)` when the validation score improves. A non-finite loss or
     gradient stops the run (naming the step and the rows, by `row_ids`) unless
-    `opt_cfg.skip_nonfinite`, which skips such steps and counts them."""
+    `opt_cfg.skip_nonfinite`, which skips such steps and counts them. With `checkpoint`, the
+    whole loop state (trainable weights, optimizer, scheduler, sampler, RNG, best score) is
+    saved there every `checkpoint_interval` steps, and a run that finds it continues from it."""
     optimizer = make_optimizer(model, opt_cfg, optimizer_name)
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
-    best = {"score": -math.inf, "step": 0}
-    running: dict[str, torch.Tensor] = {}
-    counted = skipped = 0
+    loop = {"step": 0, "best": {"score": -math.inf, "step": 0}, "running": {}, "counted": 0, "skipped": 0}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if checkpoint is not None:  # a write a kill cut short never replaced the checkpoint: drop it
+        for torn in checkpoint.parent.glob(f".{checkpoint.name}.tmp-*"):
+            torn.unlink()
+    if checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                trainable[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        source.load_state_dict(state["source"])
+        torch.set_rng_state(state["rng"])
+        loop = state["loop"]
+        log.info("%s: resuming from the checkpoint of step %d", stage, loop["step"])
+    best, running = loop["best"], loop["running"]
+    counted, skipped = loop["counted"], loop["skipped"]
+    interval = opt_cfg.get("checkpoint_interval", 0) if checkpoint is not None else 0
     started = time.perf_counter()
-    bar = tqdm(range(1, opt_cfg.steps + 1), desc=stage, disable=progress_disabled())
+    bar = tqdm(range(loop["step"] + 1, opt_cfg.steps + 1), desc=stage, disable=progress_disabled(),
+               initial=loop["step"], total=opt_cfg.steps)
     for step in bar:
+        kill_point(f"{stage}:step:{step}")
         model.train()
         indices, batch = source.sample()
         loss, loss_metrics = loss_on_batch(model, to_device(batch, device), source.groups, loss_fn, params)
@@ -171,6 +242,12 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
                 best = {"score": score, "step": step}
                 if on_best is not None:
                     on_best(model, step, score)
+        if interval and step % interval == 0 and step < opt_cfg.steps:
+            loop = {"step": step, "best": best, "running": running, "counted": counted, "skipped": skipped}
+            save_checkpoint(checkpoint, {"model": {n: p.detach().cpu() for n, p in trainable.items()},
+                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                         "source": source.state_dict(), "rng": torch.get_rng_state(), "loop": loop},
+                            point=f"{stage}:checkpoint_write:{step}")
     return {"best_validation_reward": best["score"], "best_step": best["step"], "steps": opt_cfg.steps,
             "skipped_steps": skipped, "seconds": time.perf_counter() - started}
 
@@ -222,6 +299,32 @@ def load_advantage_cache(advantage_dir: Path, rows: TokenizedRows) -> dict[str, 
     return cache
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def save_policy_atomically(model, tokenizer, path: Path, base_dir: Path) -> None:
+    """Write the new policy beside the old one, then swap them by renames: a kill leaves the
+    old policy or the new one whole, never a mix (recover_policy puts an old one back)."""
+    staging, old = path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_policy(model, tokenizer, staging, base_dir=base_dir)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_policy(path: Path) -> None:
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.rename(old, path)
+    shutil.rmtree(path.with_name(f".{path.name}.new"), ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
            device) -> None:
     """Stage 4: offline RL from pi_ref with the configured algorithm; best checkpoint by
@@ -255,13 +358,16 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
                          shuffle=algo.sampling == "shuffle")
 
     def save_best(model, step, score):
-        save_policy(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
-        (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
+        save_policy_atomically(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
+        atomic_write_text(out_dir / "best.json", json.dumps({"step": step, "validation_reward": score}))
 
+    recover_policy(out_dir / "policy")  # a kill between the two renames of a policy swap
     validate = make_validator(task, tokenizer, cfg)
     summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=device, stage="rl",
                        metrics=metrics, validate=validate, on_best=save_best,
-                       row_ids=[e.id for e in task.splits["train"]], optimizer_name=cfg.model.get("optimizer", "adamw"))
+                       row_ids=[e.id for e in task.splits["train"]], optimizer_name=cfg.model.get("optimizer", "adamw"),
+                       checkpoint=out_dir / CHECKPOINT)
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished artifact needs no loop state
     if validate is None:  # no scorer to choose a checkpoint by: the last step is the policy
         log.info("rl: the task has no reward scorer, so the last step is kept (no validation)")
         save_best(model, cfg.rl.steps, None)

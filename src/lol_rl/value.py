@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import encode_prompts
+from .faults import kill_point
 from .generate import generate_with_config
 from .logprobs import prompt_states
 from .models import load_policy
@@ -90,6 +91,7 @@ def fit_value_head(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        kill_point(f"value:epoch:{epoch}")
         mse = heldout_mse()
         history.append(mse)
         if mse < best["mse"]:
