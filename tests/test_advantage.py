@@ -138,3 +138,21 @@ def test_batch_source_refuses_an_empty_kept_set():
     rows = TokenizedRows([[1]], [[2]], 0)
     with pytest.raises(ValueError, match="no train row left to train on"):
         BatchSource(rows, {}, {}, torch.tensor([], dtype=torch.long), None, 4, 0)
+
+
+def test_length_buckets_serve_the_rows_of_plain_draws_regrouped_by_length():
+    lengths = torch.tensor([1, 9, 2, 8, 3, 7, 4, 6, 5, 10, 11, 12])
+    rows = TokenizedRows([[1] * int(n) for n in lengths], [[2]] * len(lengths), 0)
+    weights = torch.linspace(1.0, 2.0, len(lengths))
+    plain = BatchSource(rows, {}, {}, torch.arange(len(lengths)), weights, batch_size=4, seed=3)
+    bucketed = BatchSource(rows, {}, {}, torch.arange(len(lengths)), weights, batch_size=4, seed=3, length_buckets=4)
+    plain_batches = [plain.draw() for _ in range(4)]
+    bucketed_batches = [bucketed.draw() for _ in range(4)]
+    assert sorted(torch.cat(bucketed_batches).tolist()) == sorted(torch.cat(plain_batches).tolist())
+
+    def padding(batches):  # pad tokens a batch of prompt + response carries
+        return sum(int((lengths[b].max() - lengths[b]).sum()) for b in batches)
+
+    assert padding(bucketed_batches) < padding(plain_batches)
+    spans = sorted((int(lengths[b].min()), int(lengths[b].max())) for b in bucketed_batches)
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))  # non-overlapping length ranges

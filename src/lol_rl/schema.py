@@ -39,6 +39,7 @@ class SFTConfig(OptimConfig):
 class RLConfig(OptimConfig):
     val_interval: int = MISSING
     val_prompts: int = MISSING
+    length_buckets: int = MISSING
     checkpoint_interval: int = MISSING
 
 

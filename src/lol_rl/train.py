@@ -58,11 +58,15 @@ class BatchSource:
     """Draws training batches over the kept rows: with replacement in proportion to
     `weights` (priority sampling), uniformly (`weights` None), or as shuffled passes over the
     data (`shuffle`). A batch holds the token ids of each response group, the cached
-    reference log-probs of each group (`ragged`, group-major like the ids) and per-row tensors."""
+    reference log-probs of each group (`ragged`, group-major like the ids) and per-row tensors.
+
+    With `length_buckets` k > 1, k batches are drawn at once, sorted by length, cut into k
+    batches and served in random order: each batch pads less, and the k batches hold exactly
+    the rows k plain draws would have held (the sampling distribution is unchanged)."""
 
     def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
                  weights: torch.Tensor | None, batch_size: int, seed: int, groups: Sequence[str] = (RESPONSE,),
-                 shuffle: bool = False):
+                 shuffle: bool = False, length_buckets: int = 1):
         if len(keep) == 0:
             raise ValueError("no train row left to train on (every row was dropped: A <= 0 for all of them)")
         self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
@@ -75,6 +79,11 @@ class BatchSource:
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
+        self.length_buckets = length_buckets
+        self._pending: list[torch.Tensor] = []
+        if length_buckets > 1:  # a row's padded width: its prompt plus its longest response group
+            self.lengths = torch.tensor([len(rows.prompt_ids[i]) + max(len(rows.group(g)[i]) for g in self.groups)
+                                         for i in range(len(rows))])
 
     def _draw(self) -> torch.Tensor:
         if self.weights is not None:
@@ -87,15 +96,22 @@ class BatchSource:
         return picks
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self._order}
+        return {"generator": self.generator.get_state(), "order": self._order, "pending": self._pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self._order = state["order"]
+        self._pending = list(state["pending"])
 
     def draw(self) -> torch.Tensor:
         """The row indices of the next batch."""
-        return self.keep[self._draw()]
+        if self.length_buckets <= 1:
+            return self.keep[self._draw()]
+        if not self._pending:
+            rows = self.keep[torch.cat([self._draw() for _ in range(self.length_buckets)])]
+            by_length = rows[torch.argsort(self.lengths[rows], stable=True)].split(self.batch_size)
+            self._pending = [by_length[i] for i in torch.randperm(len(by_length), generator=self.generator).tolist()]
+        return self._pending.pop()
 
     def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         indices = self.draw()
@@ -355,7 +371,7 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
     log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s, responses %s",
              algo.name, len(keep), len(rows), len(keep) / len(rows), algo.sampling, groups)
     source = BatchSource(rows, row_tensors, ragged, keep, weights, cfg.rl.batch_size, cfg.seed, groups=groups,
-                         shuffle=algo.sampling == "shuffle")
+                         shuffle=algo.sampling == "shuffle", length_buckets=cfg.rl.length_buckets)
 
     def save_best(model, step, score):
         save_policy_atomically(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
