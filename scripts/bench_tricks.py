@@ -1,0 +1,185 @@
+"""Benchmark (not a test): what each speed trick of the A-LOL training step buys, switched on
+in turn, in the style of torchtune's README table.
+
+    python scripts/bench_tricks.py                               # embedded task, tiny model, CPU
+    python scripts/bench_tricks.py model.n_layer=6 model.n_embd=256 model.n_head=8
+    python scripts/bench_tricks.py model=gpt2 model.path=/path/to/gpt2 device=cuda   # adds the bf16 row
+
+Rows, each adding one trick to the row above:
+  1. pi_ref's log-probs recomputed every step by a second, frozen copy of the model (the
+     paper's code does this, with a second 4-bit copy);
+  2. ... recomputed by the policy itself with its LoRA adapter disabled (no second copy);
+  3. read from the advantage stage's cache (no reference forward at all);
+  4. length-bucketed batches (`rl.length_buckets=8`);
+  5. bf16 weights and autocast (GPU only; rows 1-4 run in fp32 there).
+Every row trains the same LoRA adapter (`model.lora`, r 16 over all linear layers unless the
+model config sets one) with A-LOL's loss on batches of `rl.batch_size` drawn by advantage, so
+rows 1 and 2 compare like with like. Each row runs in its own subprocess of this script, so
+that its peak memory is its own: peak RSS on a CPU (Linux), peak allocated memory on a GPU,
+both over the training steps only (loading and the one-off caching are reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from lol_rl import train as train_loop
+from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl.cli import CONF_DIR
+from lol_rl.data import encode_rows
+from lol_rl.logprobs import response_logprobs, to_device
+from lol_rl.losses import LOSSES
+from lol_rl.models import initial_policy, load_base, reference_policy, resolve_device
+from lol_rl.tasks import build_task
+
+ROWS = {
+    "copy": "reference: a second model copy, recomputed each step",
+    "disabled": "reference: the adapter disabled, recomputed each step",
+    "cached": "reference log-probs cached (advantage stage)",
+    "buckets": "+ length-bucketed batches (k=8)",
+    "bf16": "+ bf16 weights and autocast",
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def config(overrides: list[str], row: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["algo=alol", *overrides])
+    with open_dict(cfg):
+        cfg.model.lora = cfg.model.get("lora") or LORA
+        if row != "bf16":
+            cfg.model.dtype = "fp32"
+    return cfg
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: give freed heap back to the OS, then reset the process's peak RSS (VmHWM)
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """One row: sequences/s over `steps` timed steps, the one-off caching cost, peak memory."""
+    cfg = config(overrides, row)
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    torch.manual_seed(0)
+    if row != "bf16":  # the loop's autocast is bf16 on a GPU: rows before this one run without it
+        train_loop.autocast = lambda _device: contextlib.nullcontext()
+    task = build_task(cfg.task)
+    rows_data = task.splits["train"]
+    policy, tokenizer = initial_policy(cfg.model, [task.format_prompt(e.prompt) + " " + e.response for e in rows_data],
+                                       device)
+    rows = encode_rows(tokenizer, task, rows_data, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    rewards = torch.tensor(train_rewards(task, rows_data)[0], dtype=torch.float32)
+    advantages = rewards - rewards.mean()  # V(x) set to the mean: the weights only steer the sampling
+    keep = torch.nonzero(advantages > 0).squeeze(-1)
+
+    ragged, cache_seconds = {}, 0.0
+    if row in ("cached", "buckets", "bf16"):
+        started = time.perf_counter()
+        with reference_policy(policy) as reference, train_loop.autocast(device):
+            ragged = {"response": reference_logprobs(reference, rows, 256, device)}
+        cache_seconds = time.perf_counter() - started
+    copy = None
+    if row == "copy":  # what the frozen base is, loaded a second time
+        copy = load_base(cfg.model.path, cfg.model, device) if cfg.model.kind == "pretrained" else \
+            type(policy.get_base_model())(policy.get_base_model().config).to(device)
+        copy.eval().requires_grad_(False)
+
+    source = train_loop.BatchSource(rows, {"advantages": advantages}, ragged, keep, advantages.clamp(min=0),
+                                    cfg.rl.batch_size, seed=0, length_buckets=8 if row in ("buckets", "bf16") else 1)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.rl.lr)
+    loss_fn, params = LOSSES["alol"], dict(cfg.algo.params)
+    reset_peak_memory(device)  # the peak of the training steps, not of loading or caching
+    times = []
+    for step in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        _, batch = source.sample()
+        batch = to_device(batch, device)
+        if row in ("copy", "disabled"):
+            with torch.no_grad(), train_loop.autocast(device):
+                if copy is not None:
+                    batch["ref_logprobs"] = response_logprobs(copy, batch)[0].float()
+                else:
+                    with reference_policy(policy) as reference:
+                        batch["ref_logprobs"] = response_logprobs(reference, batch)[0].float()
+        policy.train()
+        loss, _ = train_loop.loss_on_batch(policy, batch, ["response"], loss_fn, params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], cfg.rl.grad_clip)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"row": row, "sequences_per_s": cfg.rl.batch_size / statistics.median(times),
+            "cache_seconds": cache_seconds, "peak_bytes": peak_memory(device), "device": device.type,
+            "parameters": sum(p.numel() for p in policy.parameters()), "batch_size": cfg.rl.batch_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in a subprocess
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6 rl.batch_size=64")
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(measure(args.only, args.overrides, args.steps, args.warmup)))
+        return
+
+    results = []
+    for row in ROWS:
+        if row == "bf16" and resolve_device(config(args.overrides, row).device).type != "cuda":
+            continue
+        out = subprocess.run([sys.executable, __file__, "--only", row, "--steps", str(args.steps),
+                              "--warmup", str(args.warmup), *args.overrides],
+                             check=True, capture_output=True, text=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first = results[0]
+    memory = "peak allocated GPU memory" if first["device"] == "cuda" else "peak RSS"
+    print(f"A-LOL steps, LoRA policy ({first['parameters'] / 1e6:.2f}M parameters), batch {first['batch_size']}, "
+          f"{args.steps} timed steps per row (median), device {first['device']}, {torch.get_num_threads()} threads")
+    print(f"| configuration | sequences/s | x row 1 | {memory} (MiB) | one-off caching (s) |")
+    print("|---|---|---|---|---|")
+    for result in results:
+        print(f"| {ROWS[result['row']]} | {result['sequences_per_s']:.1f} | "
+              f"{result['sequences_per_s'] / first['sequences_per_s']:.2f} | {result['peak_bytes'] / 2**20:.0f} | "
+              f"{result['cache_seconds']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
