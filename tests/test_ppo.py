@@ -203,3 +203,42 @@ def test_ppo_with_a_lora_policy_saves_an_adapter_over_pi_ref(pretrained_dir, tmp
     stages = json.loads((run_dir / "stages.json").read_text())
     assert (Path(stages["rl"]["dir"]) / "policy" / "adapter_config.json").is_file()
     assert len(rl_records(run_dir)) == 6
+
+
+def _one_update(monkeypatch, skip: bool):
+    """ppo_epochs on two hand-made rollouts, with a policy loss that turns NaN."""
+    from omegaconf import OmegaConf
+
+    from conftest import make_tiny_gpt2
+    from lol_rl import ppo
+    from lol_rl.logprobs import pad_batch
+
+    model = make_tiny_gpt2()
+    head = ppo.TokenValueHead(model.config.hidden_size)
+    batch = pad_batch([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], pad_id=0)
+    with torch.no_grad():
+        old_logprobs, _, old_values, mask = ppo.policy_outputs(model, head, batch)
+    rollouts = ppo.Rollouts(batch, torch.tensor([1.0, 0.0]), old_logprobs, old_logprobs.clone(), old_values, mask)
+    params = OmegaConf.create({"gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "epochs": 1, "minibatches": 1,
+                               "clip": 0.2, "value_clip": 0.2, "vf_coef": 0.1, "ent_coef": 0.0})
+    rollouts.estimate(params, kl_coef=0.2, normalised_scores=rollouts.scores)
+    monkeypatch.setattr(ppo, "ppo_policy_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt_cfg = OmegaConf.create({"grad_clip": 1.0, "skip_nonfinite": skip})
+    out = ppo.ppo_epochs(model, head, rollouts, optimizer, scheduler, params, opt_cfg, torch.Generator().manual_seed(0),
+                         update=3, row_ids=["p-a", "p-b"])
+    return out, all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_non_finite_ppo_loss_stops_naming_the_update_and_prompts(monkeypatch):
+    from lol_rl.train import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"rl \(ppo\): non-finite loss or gradient at update 3 .*\['p-[ab]', 'p-[ab]'\]"):
+        _one_update(monkeypatch, skip=False)
+
+
+def test_a_non_finite_ppo_minibatch_is_skipped_and_counted_when_asked(monkeypatch):
+    out, unchanged = _one_update(monkeypatch, skip=True)
+    assert out["skipped_minibatches"] == 1 and unchanged

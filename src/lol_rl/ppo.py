@@ -157,14 +157,15 @@ def collect(model, value_head, frozen_reference, tokenizer, task: Task, rows, in
     return rollouts, texts
 
 
-def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, params, grad_clip: float,
+def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, params, opt_cfg,
                generator: torch.Generator, update: int, row_ids: list[str]) -> dict[str, float]:
-    """Step 5: `epochs` passes of shuffled minibatches over one update's rollouts."""
+    """Step 5: `epochs` passes of shuffled minibatches over one update's rollouts. A non-finite
+    loss or gradient stops the run naming the prompts, unless rl.skip_nonfinite (skipped, counted)."""
     n = len(rollouts.scores)
     size = math.ceil(n / params.minibatches)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     totals: dict[str, float] = {}
-    steps = 0
+    steps = skipped = 0
     for _ in range(params.epochs):
         for rows in torch.randperm(n, generator=generator).split(size):
             rows = rows.to(rollouts.scores.device)
@@ -176,18 +177,25 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
             loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opt_cfg.grad_clip)
             if not torch.isfinite(loss.detach() + grad_norm):
-                raise NonFiniteError(f"rl (ppo): non-finite loss or gradient at update {update} "
-                                     f"(loss {loss.item()}, grad norm {grad_norm.item()}) on train prompts "
-                                     f"{[row_ids[i] for i in rows.tolist()]}")
+                prompts = [row_ids[i] for i in rows.tolist()]
+                if not opt_cfg.skip_nonfinite:
+                    raise NonFiniteError(f"rl (ppo): non-finite loss or gradient at update {update} (loss {loss.item()}, "
+                                         f"grad norm {grad_norm.item()}) on train prompts {prompts}; "
+                                         f"rl.skip_nonfinite=true skips such minibatches")
+                log.warning("rl (ppo): skipped a minibatch of update %d, non-finite on train prompts %s", update, prompts)
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                skipped += 1
+                continue
             optimizer.step()
             scheduler.step()
             steps += 1
             for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
                                 "grad_norm": grad_norm, **pg_metrics, **vf_metrics}.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().item()
-    return {name: value / steps for name, value in totals.items()}
+    return {**{name: value / max(steps, 1) for name, value in totals.items()}, "skipped_minibatches": skipped}
 
 
 def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
@@ -245,8 +253,8 @@ def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir:
             scores = score_moments.normalise(scores)
         rollouts.estimate(params, kl_coef, scores)
         kl = (rollouts.old_logprobs - rollouts.ref_logprobs).mul(rollouts.mask).sum(-1).mean().item()
-        values = ppo_epochs(model, value_head, rollouts, optimizer, scheduler, params, cfg.rl.grad_clip, generator,
-                            update, [row_ids[i] for i in indices])
+        values = ppo_epochs(model, value_head, rollouts, optimizer, scheduler, params, cfg.rl, generator, update,
+                            [row_ids[i] for i in indices])
         metrics.log("rl", update, reward=rollouts.scores.mean().item(), kl=kl, kl_coef=kl_coef,
                     response_tokens=rollouts.mask.sum(-1).float().mean().item(),
                     length=sum(len(t.split()) for t in texts) / len(texts),
