@@ -90,3 +90,19 @@ def test_an_unreadable_checkpoint_is_one_line_naming_it(baseline, tmp_path, monk
     assert proc.stdout.strip().splitlines()[-1].startswith(f"lol-rl: {checkpoint}: unreadable checkpoint")
     assert checkpoint.read_bytes() == b"not a checkpoint"  # left for the user to inspect or delete
     assert os.path.isdir(checkpoint.parent)
+
+
+def test_killed_ppo_resumes_from_its_last_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    ppo = [*TINY, "algo=ppo", "rl.steps=6", "rl.val_interval=4", "rl.checkpoint_interval=4"]
+    full = lol_rl("train", *ppo, f"hydra.run.dir={tmp_path / 'full'}", cache=tmp_path / "full-cache")
+    assert full.returncode == 0, full.stdout[-3000:]
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp_path / "full-cache" / "sft", cache / "sft")
+    monkeypatch.setenv("LOL_RL_KILL_AT", "rl:step:11")  # 2.6 x 6 = 16 updates; checkpoints at 4 and 8
+    assert lol_rl("train", *ppo, f"hydra.run.dir={tmp_path / 'killed'}", cache=cache).returncode == -signal.SIGKILL
+    monkeypatch.delenv("LOL_RL_KILL_AT")
+    rerun = lol_rl("train", *ppo, f"hydra.run.dir={tmp_path / 'rerun'}", cache=cache)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert "rl: resuming from the checkpoint of update 8" in rerun.stdout + (tmp_path / "rerun" / "cli.log").read_text()
+    assert json.loads((tmp_path / "rerun" / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
+    assert artifacts(cache) == artifacts(tmp_path / "full-cache")

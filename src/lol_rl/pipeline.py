@@ -91,7 +91,7 @@ def run_train(cfg, run_dir: Path) -> dict:
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device),
-                     resumable=trainer == "offline")  # the offline loop checkpoints; a killed run continues
+                     resumable=True)  # both loops checkpoint: a killed run continues
     evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
     ref_eval = cache.stage("eval", {**evaluation, "policy": f"sft/{sft.name}"},
                            lambda out: run_eval(cfg, task, sft, out, device), label="eval_ref")

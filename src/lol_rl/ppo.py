@@ -34,14 +34,18 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .data import encode_rows
+from .faults import kill_point
 from .logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
 from .losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from .models import add_adapter, autocast, load_policy, make_optimizer, reference_policy, save_policy
+from .models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
 from .progress import progress_disabled
 from .rewards import RewardError
 from .tasks import Task
 from .tracking import MetricsLogger
-from .train import BatchSource, NonFiniteError, make_validator
+from .train import (
+    CHECKPOINT, BatchSource, NonFiniteError, atomic_write_text, load_checkpoint, load_trainable_state, make_validator,
+    recover_policy, save_checkpoint, save_policy_atomically, trainable_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,19 +233,33 @@ def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir:
     generator = torch.Generator().manual_seed(cfg.seed)
     row_ids = [e.id for e in train]
     score_moments = RunningMoments()
-    kl_coef = params.kl_coef
+    loop = {"update": 0, "kl_coef": params.kl_coef, "best": {"score": -math.inf, "step": 0}, "rollout_seconds": 0.0}
     validate = make_validator(task, tokenizer, cfg)
-    best = {"score": -math.inf, "step": 0}
+    checkpoint = out_dir / CHECKPOINT
+    state = load_checkpoint(checkpoint)
+    if state is not None:  # a killed run: continue from its last checkpoint
+        load_trainable_state(trainable, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        prompts.load_state_dict(state["prompts"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        score_moments.__dict__.update(state["score_moments"])
+        loop = state["loop"]
+        log.info("rl: resuming from the checkpoint of update %d", loop["update"])
+    recover_policy(out_dir / "policy")
+    kl_coef, best, rollout_seconds = loop["kl_coef"], loop["best"], loop["rollout_seconds"]
     started = time.perf_counter()
-    rollout_seconds = 0.0
 
     def save_best(step, score):
-        save_policy(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
-        (out_dir / "best.json").write_text(json.dumps({"step": step, "validation_reward": score}))
+        save_policy_atomically(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
+        atomic_write_text(out_dir / "best.json", json.dumps({"step": step, "validation_reward": score}))
 
     log.info("rl: ppo for %d updates of %d rollouts (%.1fx rl.steps), %d epochs x %d minibatches each",
              updates, cfg.rl.batch_size, params.step_multiple, params.epochs, params.minibatches)
-    for update in tqdm(range(1, updates + 1), desc="rl (ppo)", disable=progress_disabled()):
+    for update in tqdm(range(loop["update"] + 1, updates + 1), desc="rl (ppo)", disable=progress_disabled(),
+                       initial=loop["update"], total=updates):
+        kill_point(f"rl:step:{update}")
         rollout_started = time.perf_counter()
         indices = prompts.draw().tolist()
         rollouts, texts = collect(model, value_head, frozen_reference, tokenizer, task, rows, indices, params, cfg,
@@ -267,6 +285,14 @@ def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir:
             if score > best["score"]:
                 best = {"score": score, "step": update}
                 save_best(update, score)
+        if cfg.rl.checkpoint_interval and update % cfg.rl.checkpoint_interval == 0 and update < updates:
+            loop = {"update": update, "kl_coef": kl_coef, "best": best, "rollout_seconds": rollout_seconds}
+            save_checkpoint(checkpoint, {
+                "model": trainable_state(trainable), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "prompts": prompts.state_dict(), "generator": generator.get_state(),
+                "rng": torch.get_rng_state(), "score_moments": dict(score_moments.__dict__), "loop": loop,
+            }, point=f"rl:checkpoint_write:{update}")
+    checkpoint.unlink(missing_ok=True)
     summary = {"best_validation_reward": best["score"], "best_step": best["step"], "steps": updates,
                "optimizer_steps": updates * steps_per_update, "sequences": updates * cfg.rl.batch_size,
                "seconds": time.perf_counter() - started, "rollout_seconds": rollout_seconds}

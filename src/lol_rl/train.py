@@ -170,12 +170,30 @@ def save_checkpoint(path: Path, state: dict, point: str) -> None:
     os.replace(temp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at `path`, or None when there is none; a write a kill cut short never
+    replaced the checkpoint, so its temp file is dropped."""
+    for torn in path.parent.glob(f".{path.name}.tmp-*"):
+        torn.unlink()
+    if not path.is_file():
+        return None
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # written atomically, so only a damaged disk or a foreign file gets here
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}); "
                               f"delete it to restart this stage from step 0") from None
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint needs: the trainable ones (all of them, or a LoRA adapter's)."""
+    return {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
 
 
 class CheckpointError(RuntimeError):
@@ -200,15 +218,9 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
     loop = {"step": 0, "best": {"score": -math.inf, "step": 0}, "running": {}, "counted": 0, "skipped": 0}
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if checkpoint is not None:  # a write a kill cut short never replaced the checkpoint: drop it
-        for torn in checkpoint.parent.glob(f".{checkpoint.name}.tmp-*"):
-            torn.unlink()
-    if checkpoint is not None and checkpoint.is_file():
-        state = load_checkpoint(checkpoint)
-        with torch.no_grad():
-            for name, value in state["model"].items():
-                trainable[name].copy_(value)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         source.load_state_dict(state["source"])
@@ -260,7 +272,7 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
                     on_best(model, step, score)
         if interval and step % interval == 0 and step < opt_cfg.steps:
             loop = {"step": step, "best": best, "running": running, "counted": counted, "skipped": skipped}
-            save_checkpoint(checkpoint, {"model": {n: p.detach().cpu() for n, p in trainable.items()},
+            save_checkpoint(checkpoint, {"model": trainable_state(model),
                                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "source": source.state_dict(), "rng": torch.get_rng_state(), "loop": loop},
                             point=f"{stage}:checkpoint_write:{step}")
