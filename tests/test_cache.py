@@ -12,8 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lol_rl.cache import StageCache, config_key
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from lol_rl.cli import CONF_DIR  # importing the cli registers the config schema: the file runs on its own
 
 
 class Builder:
@@ -166,6 +165,7 @@ def stub_pipeline(monkeypatch):
     for name, fn in [("run_sft", run_sft), ("run_value", run_value), ("run_advantage", run_advantage),
                      ("run_rl", run_rl), ("run_eval", run_eval)]:
         monkeypatch.setattr(pipeline, name, fn)
+    monkeypatch.setitem(pipeline.TRAINERS, "offline", run_rl)  # the registry holds the function itself
     return pipeline, calls
 
 
