@@ -80,6 +80,19 @@ def _check_data_rewards(name: str, splits: dict[str, list[Example]]) -> None:
                             f"scorer with reward=[<component or module:function>]")
 
 
+def _check_template(name: str, template) -> None:
+    """`prompt_template` formats every prompt (sft, value, rl, eval): a wrong field would stop the
+    run inside the first stage, a template without `{prompt}` would silently drop the prompts."""
+    marker = "\0prompt\0"
+    try:
+        formatted = str(template).format(prompt=marker)
+    except (KeyError, IndexError, ValueError) as err:
+        raise DataError(f"task {name}: prompt_template {template!r} cannot be formatted ({type(err).__name__}: {err}); "
+                        "its one field is {prompt}, and a literal brace is written {{ or }}") from None
+    if marker not in formatted:
+        raise DataError(f"task {name}: prompt_template {template!r} has no {{prompt}}, so every prompt would be dropped")
+
+
 def _check_splits(name: str, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
     for split in SPLITS:
         if not splits.get(split):
@@ -122,6 +135,7 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     loader = LOADERS.get(cfg.loader)
     if loader is None:
         raise DataError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
+    _check_template(cfg.name, cfg.prompt_template)
     splits = loader(cfg)
     fit_texts = splits.pop(FIT_TEXTS, None)
     splits = _check_splits(cfg.name, splits)

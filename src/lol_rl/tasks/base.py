@@ -62,7 +62,8 @@ def parse_row(raw: Any, where: str, index: int) -> Example:
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; expected {list(REQUIRED + OPTIONAL)}")
+        raise DataError(f"{where}: unknown key(s) {unknown}; expected {list(REQUIRED + OPTIONAL)} "
+                        "(anything else goes under 'meta')")
     for key in REQUIRED:
         if key not in raw:
             raise DataError(f"{where}: missing key '{key}'")
@@ -88,8 +89,12 @@ def parse_row(raw: Any, where: str, index: int) -> Example:
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(f"{where}: key 'meta' must be an object")
+    row_id = raw.get("id", index)
+    # ids key the advantage cache and the judge's pairs: `null` or an object would all read alike
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or not str(row_id).strip():
+        raise DataError(f"{where}: key 'id' must be a non-empty string or an integer, got {row_id!r}")
     return Example(
-        id=str(raw.get("id", index)), prompt=raw["prompt"], response=raw["response"],
+        id=str(row_id), prompt=raw["prompt"], response=raw["response"],
         reward=reward, rewards=rewards, rejected=rejected, ranking=ranking, meta=meta,
     )
 
@@ -110,7 +115,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
             if not text.strip():
                 continue
             try:
-                raw = json.loads(text)
+                raw = json.loads(text.rstrip("\r\n"))  # a row cut short points at its end, not at column 1 of the next line
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
             example = parse_row(raw, where, index=len(examples))
