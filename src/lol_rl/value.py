@@ -146,7 +146,7 @@ def value_targets(cfg, task, model, tokenizer):
     rewards, per_component = task.reward.score([e.prompt for e in examples for _ in range(k)],
                                                [s for row in samples for s in row],
                                                ids=[e.id for e in examples for _ in range(k)])
-    return samples, rewards, per_component, (0.0, task.reward.max_total)
+    return samples, rewards, per_component, (task.reward.min_total, task.reward.max_total)
 
 
 def run_value(cfg, task, sft_dir, out_dir, metrics, device) -> None:

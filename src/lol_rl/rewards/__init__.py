@@ -1,7 +1,9 @@
 """Reward components (each a scorer in [0, 1] or a configured range) and their sum.
 
-A component is any callable `score(prompts, responses) -> list[float]` with a `max_value`;
-`CompositeReward` sums them into R(x, y) and keeps each one, as the paper's tables report them.
+A component is any callable `score(prompts, responses) -> list[float]` with a `max_value` (and a
+`min_value`, 0 if it has none): its declared range, which bounds the value head's output, so a
+score outside it stops the run. `CompositeReward` sums them into R(x, y) and keeps each one, as
+the paper's tables report them.
 
 `build_reward` makes the components from a task's `rewards:` list. Each item is
 - a registered name (`registry.COMPONENTS`), e.g. `cola`; the column is named after it;
@@ -50,11 +52,15 @@ class CompositeReward:
             values = np.asarray(scorer(prompts, responses), dtype=np.float64)
             if values.shape != (len(prompts),):
                 raise RewardError(f"reward component '{name}' returned shape {values.shape}, expected ({len(prompts)},)")
-            bad = np.flatnonzero(~np.isfinite(values))
+            low, high = component_range(name, scorer)
+            slack = 1e-6 * (high - low)  # float rounding at the bounds (a sigmoid of float32 logits)
+            bad = np.flatnonzero(~np.isfinite(values) | (values < low - slack) | (values > high + slack))
             if bad.size:
                 i = int(bad[0])
                 which = f"prompt id {ids[i]}" if ids is not None else f"row {i}"
-                raise RewardError(f"reward component '{name}' returned {values[i]} for {which} ({prompts[i]!r})")
+                outside = "" if not np.isfinite(values[i]) else (
+                    f", outside its range [{low}, {high}] (a scorer declares it with `min_value`/`max_value`)")
+                raise RewardError(f"reward component '{name}' returned {values[i]} for {which} ({prompts[i]!r}){outside}")
             per_component[name] = values
         total = np.sum(list(per_component.values()), axis=0)
         return total, per_component
@@ -68,10 +74,22 @@ class CompositeReward:
     @property
     def max_total(self) -> float:
         """Upper bound of R, for the value head's output range; components declare theirs."""
-        bounds = [getattr(scorer, "max_value", 1.0) for scorer in self.components.values()]
-        if not all(math.isfinite(b) for b in bounds):
-            raise ValueError("every reward component needs a finite max_value")
-        return float(sum(bounds))
+        return float(sum(component_range(name, scorer)[1] for name, scorer in self.components.items()))
+
+    @property
+    def min_total(self) -> float:
+        """Lower bound of R (0 unless a component declares a negative `min_value`)."""
+        return float(sum(component_range(name, scorer)[0] for name, scorer in self.components.items()))
+
+
+def component_range(name: str, scorer) -> tuple[float, float]:
+    """[min_value, max_value] a component declares (default [0, 1])."""
+    low, high = getattr(scorer, "min_value", 0.0), getattr(scorer, "max_value", 1.0)
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in (low, high)) \
+            or not low < high:
+        raise RewardError(f"reward component '{name}' declares the range [{low!r}, {high!r}]; "
+                          "it needs finite numbers min_value < max_value")
+    return float(low), float(high)
 
 
 def import_object(path: str, owner: str) -> Any:
@@ -158,6 +176,7 @@ def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | No
             raise RewardError(f"reward spec {spec!r}: column {name!r} is already used; give this one another `name:`")
         components[name] = make_component(spec, use, options, name, COMPONENTS, device)
     for name, scorer in components.items():
+        component_range(name, scorer)  # a bad declared range stops here, not in the value stage
         if hasattr(scorer, "fit"):
             if fit_texts is None:
                 raise RewardError(f"reward component '{name}' must be fit on the train responses; "

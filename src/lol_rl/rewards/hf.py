@@ -196,13 +196,15 @@ class HFClassifier:
     transform: sigmoid | softmax | raw. inputs: response | prompt_response | 'module:function'.
     max_length, truncation_side: tokens kept, from the end ('left') or the start ('right').
     model_class: 'module:Class' for checkpoints the Auto class cannot build (None: Auto).
-    dtype: auto = bfloat16 on CUDA, float32 on CPU. max_value: required for raw scores.
+    dtype: auto = bfloat16 on CUDA, float32 on CPU. max_value: required for raw scores; min_value
+    (default 0) too where a raw score can be negative: a score outside [min_value, max_value] stops the run.
     """
 
     def __init__(
         self, *, model: str, label: int | str = 0, transform: str = "sigmoid", inputs: str = "response",
         max_length: int = 512, truncation_side: str = "right", batch_size: int = 16, device: str = "auto",
         dtype: str = "auto", max_value: float | None = None, model_class: str | None = None, name: str | None = None,
+        min_value: float = 0.0,
     ):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform {transform!r}; expected one of {sorted(TRANSFORMS)}")
@@ -223,6 +225,7 @@ class HFClassifier:
         self.device, self.dtype, self.model_class = device, dtype, model_class
         self.name = name or model
         self.max_value = 1.0 if max_value is None else float(max_value)
+        self.min_value = float(min_value)
         self._loaded = None  # (tokenizer, model, label index, inputs function) after the first call
 
     @property
