@@ -14,6 +14,10 @@ The training loop passes each function exactly the tensors its signature names.
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -171,6 +175,36 @@ LOSSES = {
     "dpo_ref_free": dpo_ref_free,
     "pro": pro,
 }
+
+# Upper bounds of the clip ranges an algorithm's params may set (the lower bound, 0, excluded): `eps`
+# clips the importance weight to [1-eps, 1+eps] (A-LOL's 0.9 keeps it in [0.1, 1.9]), PPO's `clip`
+# the policy ratio likewise, `value_clip` the change of a value; 0 or less clamps to a point or to nothing.
+CLIP_MAX = {"eps": 1.0, "clip": 1.0, "value_clip": math.inf}
+
+
+def check_params(loss: str | None, params: Mapping) -> None:
+    """ValueError naming the first bad `params` key: an offline `loss` takes exactly its function's
+    keyword parameters (None: the online PPO loop, which reads its own); clip ranges within CLIP_MAX."""
+    if loss is not None:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid: {sorted(LOSSES)}")
+        takes = [p.name for p in inspect.signature(LOSSES[loss]).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        unknown, missing = sorted(set(params) - set(takes)), [name for name in takes if name not in params]
+        if unknown or missing:
+            problem = f"unknown params {unknown}" if unknown else f"missing params {missing}"
+            raise ValueError(f"{problem}; loss {loss} takes {takes}")
+    for name, high in CLIP_MAX.items():
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+            why = "not a number"
+        elif value is None or 0 < value <= high:
+            continue
+        elif value > high:
+            why = f"the lower clip 1 - {name} would be negative"
+        else:
+            why = "a clip range of 0 or less clamps every ratio to a point or to nothing"
+        bound = "> 0" if math.isinf(high) else f"in (0, {high:g}]"
+        raise ValueError(f"params.{name} must be {bound}, got {value!r} ({why})")
 
 
 # Online PPO (ppo.py): token-level pieces, all (B, T) over response tokens, mask True on them.

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from .advantage import run_advantage
 from .cache import StageCache
 from .evaluate import run_eval
+from .losses import check_params
 from .models import quantization_config, resolve_device
 from .ppo import run_ppo
 from .tasks import Task, build_task
@@ -49,6 +50,11 @@ def preflight(algo_cfg, task: Task) -> None:
     unknown = [need for need in algo_cfg.needs if need not in NEEDS]
     if unknown:
         raise PreflightError(f"algo {algo_cfg.name}: unknown need(s) {unknown}; valid: {sorted(NEEDS)}")
+    loss = algo_cfg.get("loss") if algo_cfg.get("trainer", "offline") == "offline" else None
+    try:  # a typo or a zero clip range would otherwise stop the run at the first rl step, after sft
+        check_params(loss, algo_cfg.get("params") or {})
+    except ValueError as err:
+        raise PreflightError(f"algo {algo_cfg.name}: {err}") from None
     missing = [NEEDS[need] for need in algo_cfg.needs if need not in task.provides()]
     if missing:
         raise PreflightError(f"{algo_cfg.name} needs {' and '.join(missing)}; task {task.name} has none")
