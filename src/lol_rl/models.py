@@ -159,6 +159,10 @@ def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None 
     `model.sft_adapter`, as the paper's HHA reference policy is)."""
     device = device or torch.device("cpu")
     if model_cfg.kind == "from_config":
+        longest = model_cfg.max_prompt_tokens + model_cfg.max_response_tokens
+        if longest > model_cfg.n_positions:  # a longer row would fail inside the first forward, as an index error
+            raise ModelError(f"model {model_cfg.name}: max_prompt_tokens + max_response_tokens = {longest} exceeds "
+                             f"n_positions {model_cfg.n_positions}; lower one of them or raise model.n_positions")
         tokenizer = train_tokenizer(texts, model_cfg.vocab_size)
         model = build_from_config(model_cfg, tokenizer).to(device)
     elif model_cfg.kind == "pretrained":
