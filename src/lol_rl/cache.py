@@ -2,7 +2,9 @@
 (and upstream keys) the stage reads. An artifact is built in a temp dir and renamed into place,
 so a directory under its key is always complete; a killed build leaves only a temp dir, which
 is ignored and cleared. A resumable stage (rl) builds in `.partial-<key>/` instead, which
-outlives a killed or failed build so that the next run continues from its checkpoint."""
+outlives a killed or failed build so that the next run continues from its checkpoint. An
+artifact's `manifest.json` lists every file and its size: one damaged afterwards (a file
+deleted, a copy cut short) is refused, never reused."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +28,12 @@ log = logging.getLogger(__name__)
 OWNER = "owner.pid"  # in a resumable build dir: the process building it
 
 # bump when an artifact's format or meaning changes, so old artifacts are not reused
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: every artifact has a manifest.json
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """The cache dir is not writable, or an artifact in it is damaged; names the dir."""
 
 
 def _plain(value):
@@ -55,6 +63,7 @@ class StageCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.timings: dict[str, dict] = {}
+        check_writable(self.root)
 
     def path(self, stage: str, parts: dict) -> Path:
         return self.root / stage / config_key(stage, parts)
@@ -87,6 +96,7 @@ class StageCache:
         key = config_key(stage, parts)
         final = self.root / stage / key
         if final.is_dir():
+            check_complete(final)
             log.info("stage %-10s cached   %s (reused)", label, final)
             self.timings[label] = {"dir": str(final), "cached": True, "seconds": 0.0}
             return final
@@ -103,6 +113,7 @@ class StageCache:
             (temp / "stage.json").write_text(json.dumps({"stage": stage, "key": key, **_plain(parts)}, indent=2, default=str))
             build(temp)
             (temp / OWNER).unlink(missing_ok=True)
+            write_manifest(temp)
             kill_point(f"{stage}:rename")
             os.rename(temp, final)
         except OSError as err:
@@ -122,3 +133,38 @@ class StageCache:
         log.info("stage %-10s done     in %.1f s", label, seconds)
         self.timings[label] = {"dir": str(final), "cached": False, "seconds": seconds}
         return final
+
+
+def check_writable(root: Path) -> None:
+    """Fail at the start, not when the first stage is done, where artifacts cannot be written."""
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"cache_dir {root} is a file, not a directory; set cache_dir=<a writable dir> or LOL_RL_CACHE")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=".probe-", dir=root).cleanup()
+    except OSError as err:
+        raise CacheError(f"cache_dir {root} is not writable ({err.strerror or err}); "
+                         "set cache_dir=<a writable dir> or LOL_RL_CACHE") from None
+
+
+def write_manifest(artifact: Path) -> None:
+    files = {str(p.relative_to(artifact)): p.stat().st_size for p in sorted(artifact.rglob("*")) if p.is_file()}
+    (artifact / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def check_complete(artifact: Path) -> None:
+    """Every file the manifest lists is there with its size (a later stage would otherwise fail
+    deep inside a loader, or quietly use what is left)."""
+    advice = "delete that dir to rebuild it"
+    try:
+        files = json.loads((artifact / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CacheError(f"cache artifact {artifact} has no readable {MANIFEST}, so it is incomplete or damaged; "
+                         f"{advice}") from None
+    for name, size in files.items():
+        path = artifact / name
+        if not path.is_file():
+            raise CacheError(f"cache artifact {artifact} is damaged: {name} is missing; {advice}")
+        if path.stat().st_size != size:
+            raise CacheError(f"cache artifact {artifact} is damaged: {name} has {path.stat().st_size} bytes, "
+                             f"not {size}; {advice}")

@@ -43,6 +43,7 @@ def _train_app():
 
     from transformers.utils import logging as hf_logging
 
+    from .cache import CacheError
     from .models import ModelError
     from .pipeline import PreflightError, run_train
     from .rewards import RewardError
@@ -56,7 +57,7 @@ def _train_app():
     def train(cfg) -> None:
         try:
             run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CheckpointError) as err:  # one clear line, not a traceback
+        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CheckpointError, CacheError) as err:  # one clear line, not a traceback
             print(f"lol-rl: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
