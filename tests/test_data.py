@@ -1,4 +1,5 @@
-"""lol_rl.tasks.base.read_jsonl validation, and the toy task's data and rewards."""
+"""lol_rl.tasks.base.read_jsonl round trips and defaults (its refusals are in test_bad_input.py),
+and the toy task's data and rewards."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import pytest
 
 from lol_rl.rewards import RewardError, build_reward
 from lol_rl.rewards.toy import correctness, positional_match
-from lol_rl.tasks.base import DataError, Example, read_jsonl, write_jsonl
+from lol_rl.tasks.base import Example, read_jsonl, write_jsonl
 from lol_rl.tasks.toy import NOISE_RATE, load_toy, wrong_answer
-
-GOOD = '{"id": "a", "prompt": "hi", "response": "hello"}'
-
 
 def _write(tmp_path, lines: list[str | bytes], name="data.jsonl"):
     path = tmp_path / name
@@ -22,63 +20,9 @@ def _write(tmp_path, lines: list[str | bytes], name="data.jsonl"):
     return path
 
 
-@pytest.mark.parametrize(
-    "bad_line, expected",
-    [
-        ('{"prompt": "x", "response": ', ["not valid JSON"]),
-        ('{"response": "y"}', ["'prompt'", "missing"]),
-        ('{"prompt": "x"}', ["'response'", "missing"]),
-        ('{"prompt": "x", "response": ""}', ["'response'", "empty"]),
-        ('{"prompt": "x", "response": "   "}', ["'response'", "empty"]),
-        ('{"prompt": "x", "response": "y", "reward": NaN}', ["'reward'", "finite"]),
-        ('{"prompt": "x", "response": "y", "reward": Infinity}', ["'reward'", "finite"]),
-        ('{"prompt": "x", "response": "y", "reward": "high"}', ["'reward'", "number"]),
-        ('{"prompt": "x", "response": "y", "reward": true}', ["'reward'", "number"]),
-        ('{"prompt": "x", "response": "y", "rewards": {"a": NaN}}', ["'rewards.a'", "finite"]),
-        ('{"prompt": 3, "response": "y"}', ["'prompt'", "string"]),
-        ('{"prompt": "x", "response": "y", "colour": 1}', ["colour"]),
-        (b'{"prompt": "caf\xe9", "response": "y"}', ["UTF-8"]),
-        ('["prompt", "response"]', ["JSON object"]),
-    ],
-)
-def test_read_jsonl_rejects_bad_row_with_file_line_and_key(tmp_path, bad_line, expected):
-    # the bad row is on line 3 (a blank line 2 still counts as a line)
-    path = _write(tmp_path, [GOOD, "", bad_line, '{"id": "z", "prompt": "p", "response": "r"}'])
-    with pytest.raises(DataError) as info:
-        read_jsonl(path)
-    message = str(info.value)
-    assert f"{path}:3" in message
-    for part in expected:
-        assert part in message
-
-
 def test_json_nan_literal_is_really_parsed_by_python():
     """The reason the loader must check: json.loads accepts NaN."""
     assert math.isnan(json.loads('{"reward": NaN}')["reward"])
-
-
-def test_read_jsonl_duplicate_id(tmp_path):
-    path = _write(tmp_path, [GOOD, '{"id": "b", "prompt": "p", "response": "r"}', GOOD])
-    with pytest.raises(DataError) as info:
-        read_jsonl(path)
-    message = str(info.value)
-    assert f"{path}:3" in message and "duplicate id 'a'" in message and "line 1" in message
-
-
-def test_read_jsonl_empty_file(tmp_path):
-    path = tmp_path / "empty.jsonl"
-    path.write_bytes(b"")
-    with pytest.raises(DataError, match="no rows") as info:
-        read_jsonl(path)
-    assert str(path) in str(info.value)
-    blank = _write(tmp_path, ["", "   "], name="blank.jsonl")
-    with pytest.raises(DataError, match="no rows"):
-        read_jsonl(blank)
-
-
-def test_read_jsonl_missing_file(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_jsonl(tmp_path / "nope.jsonl")
 
 
 def test_jsonl_round_trip(tmp_path):
