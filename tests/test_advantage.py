@@ -69,8 +69,15 @@ def test_audit_is_strict_json_when_nothing_is_dropped():
     json.dumps(report, allow_nan=False)
 
 
+def _length(prompts, responses):
+    return [len(r) for r in responses]
+
+
+_length.max_value = 10.0  # a component declares its range; these responses are short
+
+
 def test_train_rewards_given_or_scored():
-    reward = CompositeReward({"len": lambda prompts, responses: [len(r) for r in responses]})
+    reward = CompositeReward({"len": _length})
     given = [Example(id="a", prompt="p", response="xy", reward=0.5),
              Example(id="b", prompt="p", response="xyz", rewards={"u": 0.25, "v": 1.0})]
     task = Task("t", {"train": given, "validation": given, "test": given}, reward, "{prompt}")

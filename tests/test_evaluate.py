@@ -70,10 +70,17 @@ def test_non_finite_component_is_named():
         score_generations(task.reward, task.splits["test"], ["x", "y", "z"])
 
 
+def _length(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+_length.max_value = 10.0  # a component declares its range; these responses are short
+
+
 def test_segments_are_reported_separately():
     examples = [Example(id=f"t{i}", prompt=f"p{i}", response="r", meta={"segment": seg})
                 for i, seg in enumerate(["harmless-base", "helpful-base", "harmless-base"])]
-    reward = CompositeReward({"len": lambda prompts, responses: [float(len(r)) for r in responses]})
+    reward = CompositeReward({"len": _length})
     summary, _, _ = score_generations(reward, examples, ["a", "bb", "ccc"])
     assert summary["segments"] == {"harmless-base": {"reward": 2.0, "n": 2}, "helpful-base": {"reward": 2.0, "n": 1}}
     assert summary["reward"] == pytest.approx(2.0)
