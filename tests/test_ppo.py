@@ -169,7 +169,8 @@ def test_a_nan_reward_stops_ppo_naming_the_component_and_the_prompt_and_keeps_wh
     assert train[match.group(1)] == match.group(2)  # the id is the offending prompt's
     sft_dirs = list((cache / "sft").iterdir())
     assert len(sft_dirs) == 1 and (sft_dirs[0] / "summary.json").is_file()  # pi_ref survives, complete
-    assert not (cache / "rl").exists() or not any((cache / "rl").iterdir())  # no half-written rl artifact
+    # no rl artifact: only the partial build dir a fixed rerun resumes in
+    assert [p.name.startswith(".partial-") for p in (cache / "rl").iterdir()] == [True]
     assert any(r["stage"] == "sft" for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
 
 
