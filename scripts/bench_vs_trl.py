@@ -1,0 +1,321 @@
+"""Benchmark (not a test): lol-rl next to TRL on the same model, rows, batches and steps.
+
+    pip install -e ".[bench]"                          # trl>=1.0,<2 (keeps the installed torch)
+    python scripts/bench_vs_trl.py                     # tiny GPT-2 (4 layers, 128 wide), 2 CPU threads
+    python scripts/bench_vs_trl.py model.n_layer=6 model.n_embd=256 model.n_head=8
+    python scripts/bench_vs_trl.py --repeats 3         # interleaved rounds, the median run of each row
+    python scripts/bench_vs_trl.py --json vs_trl.json  # also write every measurement as JSON
+
+Table 1, DPO: TRL's DPOTrainer as TRL runs it by default (a second model copy computes the
+reference log-probs every step), TRL with `precompute_ref_log_probs=True`, and lol-rl's `dpo`
+(reference log-probs cached once, as the advantage stage caches them) with `rl.length_buckets`
+1 and 8. Target: lol-rl DPO (k=8) >= 1.5x the samples/s of TRL's default DPO.
+Table 2, single-response steps: lol-rl `nll`, lol-rl `alol` (cached reference log-probs) and
+TRL's SFTTrainer on the chosen responses (prompt-completion data: loss on the completion only,
+TRL's default for that format). Target: A-LOL's step <= 1.05x NLL's.
+
+Alike for every contender: one GPT-2 built from config and a tokenizer trained offline, saved to
+one temp dir that both frameworks load (TRL loads its reference copy from the same path); every
+train row of the embedded task (formatted prompt, " " + chosen, " " + rejected, EOS; both sides
+get the same token ids, checked and printed; no row is long enough to be truncated); batch
+`rl.batch_size` pairs/responses; AdamW at `rl.lr`, weight decay `rl.weight_decay`, schedule
+`rl.schedule` with `rl.warmup_steps`, grad clip `rl.grad_clip`; shuffled passes; fp32; `threads`
+CPU threads. TRL: no eval, logging, saving or progress bar, dataloader workers 0, `use_cpu`;
+gradient checkpointing and bf16, both on by TRL's default, are off (lol-rl uses neither on a
+CPU); its optimizer is its default fused AdamW. lol-rl runs the body of `train.optimize`
+(sample, `loss_on_batch`, backward, clip, finiteness check, AdamW from `make_optimizer`,
+scheduler) minus its logging, validation and checkpoints, which TRL has off here too.
+
+Rates count the timed steps only (`--steps` after `--warmup`), from the end of the last warm-up
+step to the end of the last step, so batching and data loading are in. The one-off costs are
+printed apart: tokenizing the rows (TRL's dataset preparation / lol-rl's `encode_rows`) and
+the reference log-probs of every train row (TRL's precompute, at its default batch = the
+training batch / lol-rl's cache of both response groups at `advantage.batch_size`).
+One command prints the whole comparison; each contender runs in a fresh subprocess of this
+script (`--only NAME`), one after another, so that its peak memory is its own (Linux): peak
+RSS; its growth over the whole run, from a baseline taken after the imports and loading the
+task rows (models, reference copy or cache, tokenized data, optimizer state, activations);
+and its growth over the training steps alone (from the first step, after the one-off stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from bench_step_cost import algo_config  # scripts/ is on sys.path when this runs as a script
+from bench_tricks import peak_memory, reset_peak_memory
+from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl.data import encode_rows
+from lol_rl.logprobs import to_device
+from lol_rl.losses import LOSSES
+from lol_rl.models import initial_policy, load_policy, make_optimizer, save_reference
+from lol_rl.tasks import build_task
+from lol_rl.train import BatchSource, NonFiniteError, loss_on_batch
+
+CPU = torch.device("cpu")
+DPO_ROWS = {
+    "trl_dpo": "TRL DPOTrainer, reference: a second model copy each step (TRL's default)",
+    "trl_dpo_precompute": "TRL DPOTrainer, precompute_ref_log_probs=True",
+    "lolrl_dpo_k1": "lol-rl dpo, cached reference log-probs, length_buckets=1",
+    "lolrl_dpo_k8": "lol-rl dpo, cached reference log-probs, length_buckets=8",
+}
+STEP_ROWS = {
+    "lolrl_nll": "lol-rl nll",
+    "lolrl_alol": "lol-rl alol, cached reference log-probs",
+    "trl_sft": "TRL SFTTrainer, prompt-completion (loss on the completion)",
+}
+DPO_TARGET, ALOL_TARGET = 1.5, 1.05
+ONE_OFF: dict[str, float] = defaultdict(float)  # seconds of the one-off stages inside TRL's trainers
+
+
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class Memory:
+    """Peak RSS of the whole run (from after the imports and the task rows) and of the steps alone."""
+
+    def __init__(self):
+        reset_peak_memory(CPU)
+        self.baseline = rss_bytes()
+
+    def steps_begin(self) -> None:
+        self.setup_peak = peak_memory(CPU)
+        reset_peak_memory(CPU)
+        self.steps_start = rss_bytes()
+
+    def report(self) -> dict:
+        steps_peak = peak_memory(CPU)
+        run_peak = max(self.setup_peak, steps_peak)
+        return {"peak_rss_mib": run_peak / 2**20, "run_growth_mib": (run_peak - self.baseline) / 2**20,
+                "steps_growth_mib": (steps_peak - self.steps_start) / 2**20}
+
+
+def timed(method, key: str):
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            ONE_OFF[key] += time.perf_counter() - started
+    return wrapper
+
+
+def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int) -> dict:
+    """lol-rl's rl stage on the saved policy: encode, cache, then the optimize loop's steps."""
+    cfg = algo_config({"lolrl_nll": "nll", "lolrl_alol": "alol"}.get(name, "dpo"), overrides)
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    examples = task.splits["train"]
+    rewards = torch.tensor(train_rewards(task, examples)[0], dtype=torch.float32)
+    memory = Memory()
+    model, tokenizer = load_policy(model_dir, CPU, cfg.model)
+    started = time.perf_counter()
+    rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    tokenize_s = time.perf_counter() - started
+    groups = rows.expand(cfg.algo.responses)
+    started = time.perf_counter()
+    model.eval()
+    ragged = {g: reference_logprobs(model, rows, cfg.advantage.batch_size, CPU, g) for g in groups} \
+        if "reference" in cfg.algo.needs else {}
+    reference_s = time.perf_counter() - started if ragged else 0.0
+    row_tensors = {"advantages": rewards - rewards.mean()}  # V(x) = the mean: the values do not change the cost
+    # shuffled passes over every row for each algorithm, so nll and alol see the same batches
+    source = BatchSource(rows, row_tensors, ragged, torch.arange(len(rows)), None, cfg.rl.batch_size, seed=0,
+                         groups=groups, shuffle=True, length_buckets=8 if name == "lolrl_dpo_k8" else 1)
+    optimizer = make_optimizer(model, cfg.rl)
+    scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
+                              num_training_steps=warmup + steps)
+    loss_fn, params, running, ends = LOSSES[cfg.algo.loss], dict(cfg.algo.params), {}, []
+    memory.steps_begin()
+    for step in range(warmup + steps):  # train.optimize's step, without logging/validation/checkpoints
+        model.train()
+        _, batch = source.sample()
+        loss, metrics = loss_on_batch(model, to_device(batch, CPU), source.groups, loss_fn, params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.rl.grad_clip)
+        if not torch.isfinite(loss.detach() + grad_norm):
+            raise NonFiniteError(f"{name}: non-finite loss or gradient at step {step}")
+        optimizer.step()
+        for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
+            running[key] = running.get(key, 0.0) + value.detach().float()
+        scheduler.step()
+        ends.append(time.perf_counter())
+    return result(name, cfg, model, ends, warmup, tokenize_s, reference_s, memory, same_tokens=True)
+
+
+def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int) -> dict:
+    """TRL's DPOTrainer / SFTTrainer on the same saved policy and rows."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    class StepClock(TrainerCallback):
+        def __init__(self, memory: Memory):
+            self.ends, self.memory = [], memory
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.memory.steps_begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    cfg = algo_config("dpo" if name.startswith("trl_dpo") else "nll", overrides)
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    examples = task.splits["train"]
+    columns = {"prompt": [task.format_prompt(e.prompt) for e in examples]}
+    if name.startswith("trl_dpo"):
+        columns["chosen"] = [task.response_prefix + e.response for e in examples]
+        columns["rejected"] = [task.response_prefix + e.rejected for e in examples]
+    else:
+        columns["completion"] = [task.response_prefix + e.response for e in examples]
+    dataset = Dataset.from_dict(columns)
+    memory = Memory()
+    model, tokenizer = load_policy(model_dir, CPU, cfg.model)
+    common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=cfg.rl.batch_size,
+                  max_steps=warmup + steps, learning_rate=cfg.rl.lr, weight_decay=cfg.rl.weight_decay,
+                  lr_scheduler_type=cfg.rl.schedule, warmup_steps=cfg.rl.warmup_steps, max_grad_norm=cfg.rl.grad_clip,
+                  max_length=cfg.model.max_prompt_tokens + cfg.model.max_response_tokens, gradient_checkpointing=False,
+                  bf16=False, use_cpu=True, report_to="none", logging_strategy="no", save_strategy="no",
+                  eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    clock = StepClock(memory)
+    if name.startswith("trl_dpo"):
+        trainer_class = type("TimedDPOTrainer", (DPOTrainer,), {
+            "_prepare_dataset": timed(DPOTrainer._prepare_dataset, "tokenize"),
+            "_precompute_ref_logps": timed(DPOTrainer._precompute_ref_logps, "reference")})
+        args = DPOConfig(beta=cfg.algo.params.beta, precompute_ref_log_probs=name == "trl_dpo_precompute", **common)
+    else:
+        trainer_class = type("TimedSFTTrainer", (SFTTrainer,), {
+            "_prepare_dataset": timed(SFTTrainer._prepare_dataset, "tokenize")})
+        args = SFTConfig(**common)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[clock])
+    trainer.train()
+    out = result(name, cfg, model, clock.ends, warmup, ONE_OFF["tokenize"], ONE_OFF["reference"], memory)
+    rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    prepared = trainer.train_dataset
+    if name.startswith("trl_dpo"):
+        out["same_tokens"] = (prepared["prompt_ids"] == rows.prompt_ids and prepared["chosen_ids"] == rows.response_ids
+                              and prepared["rejected_ids"] == rows.group("rejected"))
+    else:
+        out["same_tokens"] = prepared["input_ids"] == [p + r for p, r in zip(rows.prompt_ids, rows.response_ids)]
+    return out
+
+
+def result(name, cfg, model, ends, warmup, tokenize_s, reference_s, memory: Memory, same_tokens=None) -> dict:
+    steps = len(ends) - warmup
+    seconds = ends[-1] - ends[warmup - 1]
+    return {"name": name, "steps": steps, "step_ms": 1000 * seconds / steps,
+            "samples_per_s": cfg.rl.batch_size * steps / seconds, "tokenize_s": tokenize_s,
+            "reference_s": reference_s, **memory.report(),
+            "batch_size": cfg.rl.batch_size, "threads": torch.get_num_threads(), "same_tokens": same_tokens,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def versions() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                            capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"torch": torch.__version__, "transformers": version("transformers"), "trl": version("trl"),
+            "lol-rl": commit, "python": platform.python_version(), "cpu": cpu}
+
+
+def one_off_and_memory(r: dict) -> str:
+    return (f"{r['tokenize_s']:.1f} | {r['reference_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['run_growth_mib']:.0f} | "
+            f"{r['steps_growth_mib']:.0f}")
+
+
+def print_tables(results: dict, info: dict, args) -> dict:
+    first = results["lolrl_nll"]
+    print(f"GPT-2 {first['parameters'] / 1e6:.2f}M parameters, batch {first['batch_size']}, {first['threads']} CPU "
+          f"threads, {args.steps} timed steps after {args.warmup} warm-up, one subprocess per row, median of "
+          f"{args.repeats} run(s); "
+          f"same token ids in TRL and lol-rl: {all(r['same_tokens'] for r in results.values())}")
+    print(", ".join(f"{k} {v}" for k, v in info.items()))
+    memory = "peak RSS (MiB) | growth, whole run (MiB) | growth, steps (MiB)"
+    base = results["trl_dpo"]["samples_per_s"]
+    print(f"\n| DPO | pairs/s | x TRL default | tokenize (s) | reference log-probs (s) | {memory} |")
+    print("|---" * 8 + "|")
+    for name, label in DPO_ROWS.items():
+        r = results[name]
+        print(f"| {label} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {one_off_and_memory(r)} |")
+    nll_ms = results["lolrl_nll"]["step_ms"]
+    print(f"\n| single response | ms/step | samples/s | x lol-rl nll | tokenize (s) | reference log-probs (s) | {memory} |")
+    print("|---" * 9 + "|")
+    for name, label in STEP_ROWS.items():
+        r = results[name]
+        print(f"| {label} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | {r['step_ms'] / nll_ms:.3f} | "
+              f"{one_off_and_memory(r)} |")
+    ratios = {"lolrl_dpo_k8_over_trl_dpo": results["lolrl_dpo_k8"]["samples_per_s"] / base,
+              "lolrl_dpo_k8_over_trl_dpo_precompute":
+                  results["lolrl_dpo_k8"]["samples_per_s"] / results["trl_dpo_precompute"]["samples_per_s"],
+              "alol_over_nll_step": results["lolrl_alol"]["step_ms"] / nll_ms}
+    dpo, alol = ratios["lolrl_dpo_k8_over_trl_dpo"], ratios["alol_over_nll_step"]
+    print(f"\nlol-rl DPO (k=8) / TRL DPO (default) pairs/s: {dpo:.2f}x, target >= {DPO_TARGET}x: "
+          f"{'met' if dpo >= DPO_TARGET else 'MISSED'} (against TRL with precomputed reference log-probs: "
+          f"{ratios['lolrl_dpo_k8_over_trl_dpo_precompute']:.2f}x)")
+    print(f"lol-rl A-LOL / NLL step time: {alol:.3f}x, target <= {ALOL_TARGET}x: "
+          f"{'met' if alol <= ALOL_TARGET else 'MISSED'}")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=32, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (8: whole groups of 8 buckets)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over every row; the median run is shown")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--only", choices=[*DPO_ROWS, *STEP_ROWS], help=argparse.SUPPRESS)  # one row, in a subprocess
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6 rl.batch_size=64")
+    args = parser.parse_args()
+    cfg = algo_config("dpo", args.overrides)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    if args.only:
+        run = run_trl if args.only.startswith("trl_") else run_lolrl
+        print(json.dumps(run(args.only, args.overrides, args.model_dir, args.steps, args.warmup)))
+        return
+
+    torch.manual_seed(0)
+    task = build_task(cfg.task)
+    texts = [task.format_prompt(e.prompt) + task.response_prefix + e.response for e in task.splits["train"]]
+    model, tokenizer = initial_policy(cfg.model, texts)
+    runs = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as model_dir:
+        save_reference(model, tokenizer, model_dir, cfg.model)  # what the sft stage writes: both load this
+        for _ in range(args.repeats):  # interleaved rounds, so that drift hits every row alike
+            for name in [*DPO_ROWS, *STEP_ROWS]:
+                out = subprocess.run([sys.executable, __file__, "--only", name, "--model-dir", model_dir, "--steps",
+                                      str(args.steps), "--warmup", str(args.warmup), *args.overrides],
+                                     capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
+                if out.returncode != 0:
+                    sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {name: sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2] for name, rs in runs.items()}
+    info = versions()
+    ratios = print_tables(results, info, args)
+    if args.json:
+        args.json.write_text(json.dumps({"versions": info, "ratios": ratios, "results": results, "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
