@@ -7,9 +7,11 @@
     python scripts/bench_vs_trl.py --json vs_trl.json  # also write every measurement as JSON
 
 Table 1, DPO: TRL's DPOTrainer as TRL runs it by default (a second model copy computes the
-reference log-probs every step), TRL with `precompute_ref_log_probs=True`, and lol-rl's `dpo`
-(reference log-probs cached once, as the advantage stage caches them) with `rl.length_buckets`
-1 and 8. Target: lol-rl DPO (k=8) >= 1.5x the samples/s of TRL's default DPO.
+reference log-probs every step), TRL with `precompute_ref_log_probs=True`, TRL with that and the
+Trainer's length-grouped sampler (`train_sampling_strategy="group_by_length"`, given a length
+column: TRL's nearest to length buckets), and lol-rl's `dpo` (reference log-probs cached once,
+as the advantage stage caches them) with `rl.length_buckets` 1 and 8. Target: lol-rl DPO (k=8)
+>= 1.5x the samples/s of TRL's default DPO; the ratios to the other TRL rows are printed too.
 Table 2, single-response steps: lol-rl `nll`, lol-rl `alol` (cached reference log-probs) and
 TRL's SFTTrainer on the chosen responses (prompt-completion data: loss on the completion only,
 TRL's default for that format). Target: A-LOL's step <= 1.05x NLL's.
@@ -27,7 +29,9 @@ CPU); its optimizer is its default fused AdamW. lol-rl runs the body of `train.o
 scheduler) minus its logging, validation and checkpoints, which TRL has off here too.
 
 Rates count the timed steps only (`--steps` after `--warmup`), from the end of the last warm-up
-step to the end of the last step, so batching and data loading are in. The one-off costs are
+step to the end of the last step, so batching and data loading are in. The length-grouped TRL
+row times one whole mega-batch of its sampler (46 batches at 6000 rows) after one as warm-up:
+the sampler serves each mega-batch longest first, so a shorter window would favour it. The one-off costs are
 printed apart: tokenizing the rows (TRL's dataset preparation / lol-rl's `encode_rows`) and
 the reference log-probs of every train row (TRL's precompute, at its default batch = the
 training batch / lol-rl's cache of both response groups at `advantage.batch_size`).
@@ -69,6 +73,7 @@ CPU = torch.device("cpu")
 DPO_ROWS = {
     "trl_dpo": "TRL DPOTrainer, reference: a second model copy each step (TRL's default)",
     "trl_dpo_precompute": "TRL DPOTrainer, precompute_ref_log_probs=True",
+    "trl_dpo_grouped": "TRL DPOTrainer, precompute_ref_log_probs=True, train_sampling_strategy=group_by_length",
     "lolrl_dpo_k1": "lol-rl dpo, cached reference log-probs, length_buckets=1",
     "lolrl_dpo_k8": "lol-rl dpo, cached reference log-probs, length_buckets=8",
 }
@@ -190,6 +195,13 @@ def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup:
     dataset = Dataset.from_dict(columns)
     memory = Memory()
     model, tokenizer = load_policy(model_dir, CPU, cfg.model)
+    grouped = name == "trl_dpo_grouped"
+    if grouped:  # the Trainer's LengthGroupedSampler reads a length column (TRL's DPO rows have no input_ids)
+        # it sorts mega-batches of this many batches, serving each longest first: time one whole one, after one
+        warmup = steps = max(min(len(examples) // (4 * cfg.rl.batch_size), 50), 1)
+        started = time.perf_counter()
+        dataset = dataset.add_column("length", pair_lengths(tokenizer, columns))
+        ONE_OFF["tokenize"] += time.perf_counter() - started
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=cfg.rl.batch_size,
                   max_steps=warmup + steps, learning_rate=cfg.rl.lr, weight_decay=cfg.rl.weight_decay,
                   lr_scheduler_type=cfg.rl.schedule, warmup_steps=cfg.rl.warmup_steps, max_grad_norm=cfg.rl.grad_clip,
@@ -201,7 +213,9 @@ def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup:
         trainer_class = type("TimedDPOTrainer", (DPOTrainer,), {
             "_prepare_dataset": timed(DPOTrainer._prepare_dataset, "tokenize"),
             "_precompute_ref_logps": timed(DPOTrainer._precompute_ref_logps, "reference")})
-        args = DPOConfig(beta=cfg.algo.params.beta, precompute_ref_log_probs=name == "trl_dpo_precompute", **common)
+        # remove_unused_columns=False keeps the length column, which the Trainer drops before building its sampler
+        sampling = dict(train_sampling_strategy="group_by_length", remove_unused_columns=False) if grouped else {}
+        args = DPOConfig(beta=cfg.algo.params.beta, precompute_ref_log_probs=name != "trl_dpo", **sampling, **common)
     else:
         trainer_class = type("TimedSFTTrainer", (SFTTrainer,), {
             "_prepare_dataset": timed(SFTTrainer._prepare_dataset, "tokenize")})
@@ -218,6 +232,14 @@ def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup:
     else:
         out["same_tokens"] = prepared["input_ids"] == [p + r for p, r in zip(rows.prompt_ids, rows.response_ids)]
     return out
+
+
+def pair_lengths(tokenizer, columns: dict[str, list[str]]) -> list[int]:
+    """Tokens of prompt + the longer response + EOS, as TRL tokenizes them."""
+    def count(key: str) -> list[int]:
+        texts = [p + c + tokenizer.eos_token for p, c in zip(columns["prompt"], columns[key])]
+        return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    return [max(a, b) for a, b in zip(count("chosen"), count("rejected"))]
 
 
 def result(name, cfg, model, ends, warmup, tokenize_s, reference_s, memory: Memory, same_tokens=None) -> dict:
@@ -247,7 +269,8 @@ def one_off_and_memory(r: dict) -> str:
 def print_tables(results: dict, info: dict, args) -> dict:
     first = results["lolrl_nll"]
     print(f"GPT-2 {first['parameters'] / 1e6:.2f}M parameters, batch {first['batch_size']}, {first['threads']} CPU "
-          f"threads, {args.steps} timed steps after {args.warmup} warm-up, one subprocess per row, median of "
+          f"threads, {args.steps} timed steps after {args.warmup} warm-up (TRL group_by_length: "
+          f"{results['trl_dpo_grouped']['steps']} after as many), one subprocess per row, median of "
           f"{args.repeats} run(s); "
           f"same token ids in TRL and lol-rl: {all(r['same_tokens'] for r in results.values())}")
     print(", ".join(f"{k} {v}" for k, v in info.items()))
@@ -268,11 +291,14 @@ def print_tables(results: dict, info: dict, args) -> dict:
     ratios = {"lolrl_dpo_k8_over_trl_dpo": results["lolrl_dpo_k8"]["samples_per_s"] / base,
               "lolrl_dpo_k8_over_trl_dpo_precompute":
                   results["lolrl_dpo_k8"]["samples_per_s"] / results["trl_dpo_precompute"]["samples_per_s"],
+              "lolrl_dpo_k8_over_trl_dpo_grouped":
+                  results["lolrl_dpo_k8"]["samples_per_s"] / results["trl_dpo_grouped"]["samples_per_s"],
               "alol_over_nll_step": results["lolrl_alol"]["step_ms"] / nll_ms}
     dpo, alol = ratios["lolrl_dpo_k8_over_trl_dpo"], ratios["alol_over_nll_step"]
     print(f"\nlol-rl DPO (k=8) / TRL DPO (default) pairs/s: {dpo:.2f}x, target >= {DPO_TARGET}x: "
           f"{'met' if dpo >= DPO_TARGET else 'MISSED'} (against TRL with precomputed reference log-probs: "
-          f"{ratios['lolrl_dpo_k8_over_trl_dpo_precompute']:.2f}x)")
+          f"{ratios['lolrl_dpo_k8_over_trl_dpo_precompute']:.2f}x; with its length-grouped sampler too: "
+          f"{ratios['lolrl_dpo_k8_over_trl_dpo_grouped']:.2f}x)")
     print(f"lol-rl A-LOL / NLL step time: {alol:.3f}x, target <= {ALOL_TARGET}x: "
           f"{'met' if alol <= ALOL_TARGET else 'MISSED'}")
     return ratios
