@@ -8,6 +8,10 @@
     lol-rl judge export a=<run dir> b=test_good out=human/x              # forms for human annotators
     lol-rl judge import out=human/x answers=[a1.csv,a2.csv,a3.csv] verdicts=judged/x/verdicts.jsonl
 
+    lol-rl train -m +experiment=toy_table2     # a paper table as a sweep (conf/experiment/)
+    lol-rl report <sweep dir>                  # the paper's layout: tables (md, csv) and plots (png)
+    lol-rl audit task=toy                      # the lowest-advantage train rows, the drop and its precision
+
 Configs live in conf/ at the repository root (config.yaml lists every key of train, judge.yaml
 of judge; `export` and `import` after `judge` are the same as mode=export / mode=import).
 """
@@ -23,7 +27,7 @@ from .schema import register as _register_schema
 
 CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
 _register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
-COMMANDS = ("train", "judge")
+COMMANDS = ("train", "judge", "report", "audit")
 JUDGE_MODES = ("export", "import")  # `lol-rl judge export ...`: sub-modes of one Hydra app
 
 
@@ -64,6 +68,30 @@ def _train_app():
     return train
 
 
+def _audit_app():
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .audit import run_audit
+    from .cache import CacheError
+    from .models import ModelError
+    from .pipeline import PreflightError
+    from .rewards import RewardError
+    from .tasks import DataError
+    from .train import NonFiniteError
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def audit(cfg) -> None:
+        try:
+            run_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CacheError) as err:
+            print(f"lol-rl: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return audit
+
+
 def _judge_app():
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -102,7 +130,12 @@ def main() -> None:
         # Hydra's run dir is `out`; without it Hydra fails with a page of traceback
         print("lol-rl: judge needs out=<dir> (the verdicts go there; the same out continues a killed run)", file=sys.stderr)
         raise SystemExit(2)
-    {"train": _train_app, "judge": _judge_app}[command]()()
+    if command == "report":  # not a Hydra app: it reads finished runs, it composes no config
+        from .report import main as report_main
+
+        report_main(sys.argv[1:])
+        return
+    {"train": _train_app, "judge": _judge_app, "audit": _audit_app}[command]()()
 
 
 if __name__ == "__main__":

@@ -82,18 +82,11 @@ def run_train(cfg, run_dir: Path) -> dict:
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
                             config=OmegaConf.to_container(cfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    # the sft stage reads the data, not the scorers: a new reward model reuses pi_ref
-    task_data = {k: v for k, v in cfg.task.items() if k not in ("rewards", "eval_rewards")}
-    data = {"task": task_data, "data": task.fingerprint(), "model": cfg.model}
-    scored = {**data, "task": cfg.task, "reward": cfg.reward}  # the stages that score responses key on them
-
+    data, scored = stage_keys(cfg, task)
     sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
     advantage = None
     if set(cfg.algo.needs) & {"advantage", "reference", "reward"}:
-        value = cache.stage("value", {**scored, "sft": sft.name, "value": cfg.value, "generation": cfg.generation},
-                            lambda out: run_value(cfg, task, sft, out, metrics, device))
-        advantage = cache.stage("advantage", {**scored, "sft": sft.name, "value": value.name},
-                                lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
+        advantage = advantage_stage(cfg, task, cache, sft, scored, metrics, device)
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device),
@@ -113,6 +106,23 @@ def run_train(cfg, run_dir: Path) -> dict:
     metrics.close()
     print(format_table({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
     return results
+
+
+def stage_keys(cfg, task: Task) -> tuple[dict, dict]:
+    """The config parts the stages key on: the data alone (sft), and the data with its scorers."""
+    # the sft stage reads the data, not the scorers: a new reward model reuses pi_ref
+    task_data = {k: v for k, v in cfg.task.items() if k not in ("rewards", "eval_rewards")}
+    data = {"task": task_data, "data": task.fingerprint(), "model": cfg.model}
+    return data, {**data, "task": cfg.task, "reward": cfg.reward}
+
+
+def advantage_stage(cfg, task: Task, cache: StageCache, sft: Path, scored: dict, metrics, device) -> Path:
+    """Stages 2 and 3 over a built pi_ref: V_ref(x), then R, V, A and the reference log-probs
+    (`scored`: stage_keys' second part)."""
+    value = cache.stage("value", {**scored, "sft": sft.name, "value": cfg.value, "generation": cfg.generation},
+                        lambda out: run_value(cfg, task, sft, out, metrics, device))
+    return cache.stage("advantage", {**scored, "sft": sft.name, "value": value.name},
+                       lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
 
 
 def atomic_write(path: Path, text: str) -> None:

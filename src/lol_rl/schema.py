@@ -73,6 +73,12 @@ class EvalConfig:
 
 
 @dataclass
+class AuditConfig:
+    rows: int = MISSING
+    text_width: int = MISSING
+
+
+@dataclass
 class RunConfig:
     task: Any = None
     model: Any = None
@@ -83,12 +89,14 @@ class RunConfig:
     device: str = MISSING
     threads: int = MISSING
     logger: str = MISSING
+    paper: Optional[str] = MISSING
     sft: SFTConfig = field(default_factory=SFTConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 @dataclass
