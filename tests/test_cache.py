@@ -150,11 +150,13 @@ def stub_pipeline(monkeypatch):
     def run_advantage(cfg, task, sft, value, out, metrics, device):
         calls.append("advantage")
         assert sft.is_dir() and value.is_dir()
+        (out / "audit.json").write_text(json.dumps({"rows": 30, "kept": 20}))
 
     def run_rl(cfg, task, sft, advantage, out, metrics, device):
         calls.append("rl")
         assert (advantage is None) == (cfg.algo.name == "nll")
         (out / "policy").mkdir()
+        (out / "config_seen.json").write_text(json.dumps({"steps": cfg.rl.steps, "val_interval": cfg.rl.val_interval}))
 
     def run_eval(cfg, task, policy_dir, out, device):
         calls.append("eval")
@@ -218,3 +220,22 @@ def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     assert nll["sft"] == (base["sft"][0], True) and nll["eval_ref"] == (base["eval_ref"][0], True)
     assert nll["rl"][0] != base["rl"][0]
     assert calls == ["rl", "eval"]
+
+
+@pytest.mark.parametrize("algo,rows", [("alol", 20), ("nll", 30), ("wbc", 30)])
+def test_epoch_budgets_count_the_rows_each_loop_trains_on(stub_pipeline, tmp_path, algo, rows):
+    # 30 train rows; the stub advantage keeps 20: A-LOL's epochs are over those, NLL's and wBC's over all 30
+    pipeline, _ = stub_pipeline
+    stages = _run(pipeline, tmp_path, "run", [f"algo={algo}", "sft.epochs=2", "sft.batch_size=8", "rl.epochs=3",
+                                             "rl.batch_size=4", "rl.validations_per_epoch=2"])
+    assert json.loads((stages["sft"][0] / "config_seen.json").read_text()) == {"steps": 8}  # ceil(2 x 30 / 8)
+    seen = json.loads((stages["rl"][0] / "config_seen.json").read_text())
+    assert seen == {"steps": -(-3 * rows // 4), "val_interval": rows // 4 // 2}
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").rl.steps == seen["steps"]  # the run records what ran
+
+
+def test_a_bad_epoch_budget_stops_before_any_stage(stub_pipeline, tmp_path):
+    pipeline, calls = stub_pipeline
+    with pytest.raises(pipeline.PreflightError, match="rl: validations_per_epoch needs epochs"):
+        _run(pipeline, tmp_path, "run", ["rl.validations_per_epoch=2"])
+    assert calls == []

@@ -69,6 +69,23 @@ def test_batched_greedy_equals_plain_greedy(model, tokenizer, task):
     assert [g[0] for g in got] == expected
 
 
+def test_beam_search_and_repetition_penalty_reach_the_model(model, tokenizer, task):
+    """The paper's small-task decoding (beam 2, penalty 2.5): each prompt alone, unpadded,
+    through transformers' generate gives what the batched call gives."""
+    prompts = [task.format_prompt(p) for p, _ in ROWS]
+    got = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, num_beams=2, repetition_penalty=2.5)
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=2,
+                             repetition_penalty=2.5, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert [g[0] for g in got] == expected
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert [g[0] for g in got] != [g[0] for g in greedy]  # the settings change what is decoded
+
+
 def test_sampling_is_seeded(model, tokenizer, task):
     prompts = [task.format_prompt(p) for p, _ in ROWS]
     a = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)

@@ -22,9 +22,12 @@ def generate(
     temperature: float = 1.0,
     num_samples: int = 1,
     seed: int = 0,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
     desc: str = "generate",
 ) -> list[list[str]]:
-    """`num_samples` responses per formatted prompt (greedy when `do_sample` is False)."""
+    """`num_samples` responses per formatted prompt: sampled, or greedy / beam search
+    (`num_beams`, `repetition_penalty`: the paper's small tasks decode with beam 2, penalty 2.5)."""
     model.eval()
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
@@ -36,7 +39,8 @@ def generate(
         chunk = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else {"do_sample": False}
+        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else
+                    {"do_sample": False, "num_beams": num_beams, "repetition_penalty": repetition_penalty})
         out = model.generate(
             input_ids=enc["input_ids"].to(device),
             attention_mask=enc["attention_mask"].to(device),
@@ -53,6 +57,8 @@ def generate(
 
 
 def generate_with_config(model, tokenizer, formatted_prompts: Sequence[str], cfg, **kwargs) -> list[list[str]]:
-    """`generate` with the run's `generation` settings (validation, eval, value samples)."""
+    """`generate` with the run's `generation` settings (validation, eval, value samples; the
+    beam settings apply to greedy decoding only)."""
     return generate(model, tokenizer, formatted_prompts, max_new_tokens=cfg.generation.max_new_tokens,
-                    batch_size=cfg.generation.batch_size, **kwargs)
+                    batch_size=cfg.generation.batch_size, num_beams=cfg.generation.num_beams,
+                    repetition_penalty=cfg.generation.repetition_penalty, **kwargs)

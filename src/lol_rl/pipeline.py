@@ -3,6 +3,7 @@ under the hash of only the config it reads (see cache.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from .evaluate import run_eval
 from .losses import check_params
 from .models import quantization_config, resolve_device
 from .ppo import run_ppo
+from .schedule import resolve_epochs
 from .tasks import Task, build_task
 from .tracking import MetricsLogger
 from .train import run_rl, run_sft
@@ -77,9 +79,12 @@ def run_train(cfg, run_dir: Path) -> dict:
     quantization_config(cfg.model, device)  # QLoRA without a GPU stops here, before any stage
     for reward in {id(r): r for r in (task.reward, task.test_reward) if r is not None}.values():
         reward.check_available()  # a reward model missing offline stops here, not after sft
+    train_rows = len(task.splits["train"])
+    cfg = resolve_budget(cfg, "sft", train_rows)
+    resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     cache = StageCache(cfg.cache_dir)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
-                            run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}",
+                            run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}", tags=[cfg.task.name, cfg.algo.name],
                             config=OmegaConf.to_container(cfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     data, scored = stage_keys(cfg, task)
@@ -87,6 +92,8 @@ def run_train(cfg, run_dir: Path) -> dict:
     advantage = None
     if set(cfg.algo.needs) & {"advantage", "reference", "reward"}:
         advantage = advantage_stage(cfg, task, cache, sft, scored, metrics, device)
+    cfg = resolve_budget(cfg, "rl", rl_rows(cfg.algo, train_rows, advantage))
+    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device),
@@ -106,6 +113,28 @@ def run_train(cfg, run_dir: Path) -> dict:
     metrics.close()
     print(format_table({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
     return results
+
+
+def resolve_budget(cfg, section: str, rows: int):
+    """`cfg` with `<section>.steps` (and `val_interval`) from `<section>.epochs` over `rows`
+    (schedule.resolve_epochs); `cfg` itself when the section counts steps."""
+    try:
+        resolved = resolve_epochs(cfg[section], rows)
+    except ValueError as err:
+        raise PreflightError(f"{section}: {err}") from None
+    if resolved is cfg[section]:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg[section] = resolved
+    return cfg
+
+
+def rl_rows(algo_cfg, train_rows: int, advantage: Path | None) -> int:
+    """The rows an offline method trains on: the kept ones (A > 0) when it drops the rest, as
+    the authors' A-LOL runs scale their epochs by the kept fraction."""
+    if algo_cfg.get("keep") == "positive_advantage" and advantage is not None:
+        return json.loads((advantage / "audit.json").read_text())["kept"]
+    return train_rows
 
 
 def stage_keys(cfg, task: Task) -> tuple[dict, dict]:

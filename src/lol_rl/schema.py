@@ -20,6 +20,7 @@ class OptimConfig:
     """What every training loop reads (train.optimize)."""
 
     steps: int = MISSING
+    epochs: Optional[float] = MISSING
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
@@ -38,6 +39,7 @@ class SFTConfig(OptimConfig):
 @dataclass
 class RLConfig(OptimConfig):
     val_interval: int = MISSING
+    validations_per_epoch: Optional[int] = MISSING
     val_prompts: int = MISSING
     length_buckets: int = MISSING
     checkpoint_interval: int = MISSING
@@ -65,6 +67,8 @@ class AdvantageConfig:
 class GenerationConfig:
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
+    num_beams: int = MISSING
+    repetition_penalty: float = MISSING
 
 
 @dataclass
