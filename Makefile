@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench-embedded bench-ppo
+.PHONY: install demo test bench-embedded bench-ppo toy-tables table2 table4 table-commonsense table-wow fig2
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)" -e '.[dev]'
@@ -20,3 +20,28 @@ bench-embedded: install  ## seeds 1-3 of the default chain with NLL, NLL on A>0 
 
 bench-ppo: install       ## seeds 1-3: online PPO next to A-LOL (test reward, length, distinct-n, time per 1000 sequences)
 	$(PYTHON) scripts/bench_ppo.py
+
+# The paper's tables as Hydra sweeps (conf/experiment/), each followed by `lol-rl report`:
+# tables (markdown, CSV) and figures (PNG) in multirun/<experiment>/report/. Finished runs are
+# cached, so running a target again only redoes what is missing.
+TOY_EXPERIMENTS = toy_table2 toy_table4 toy_commonsense toy_wow
+
+toy-tables: install    ## the embedded task's stand-ins for Tables 2 and 4 and the appendix tables (CPU, about an hour on 2 cores)
+	for experiment in $(TOY_EXPERIMENTS); do \
+	  lol-rl train -m +experiment=$$experiment && lol-rl report multirun/$$experiment || exit 1; \
+	done
+
+table2: install        ## paper Table 2: HHA, 12 methods x 3 seeds, LLaMA-7B QLoRA (GPU; data in task.pro_dir)
+	lol-rl train -m +experiment=table2 $(ARGS) && lol-rl report multirun/table2
+
+table4: install        ## paper Table 4: Reddit upvoted and downvoted, DialoGPT-medium (GPU; data in task.data_dir)
+	lol-rl train -m +experiment=table4 $(ARGS) && lol-rl report multirun/table4
+
+table-commonsense: install  ## paper App. C.1: commonsense (COMET-distill, the COMET critic; GPU)
+	lol-rl train -m +experiment=commonsense $(ARGS) && lol-rl report multirun/commonsense
+
+table-wow: install     ## paper App. C.2: Wizard of Wikipedia, FaithDial test (GPU)
+	lol-rl train -m +experiment=wow $(ARGS) && lol-rl report multirun/wow
+
+fig2: table2           ## paper Fig. 2 (validation reward trajectories) and Fig. 1 (reward / advantage of pi_ref): made by table2's report
+	@ls multirun/table2/report/*.png

@@ -1,5 +1,7 @@
 """Metrics: always one json line per record in the run dir; Weights & Biases when
-`logger=wandb` (offline mode unless WANDB_MODE says otherwise: there may be no network)."""
+`logger=wandb` (offline mode unless WANDB_MODE says otherwise: there may be no network). A
+wandb run is named `<task>-<algo>-s<seed>` and grouped by its sweep, so the seeds of one
+setting sit together in the wandb UI; `wandb sync <run dir>/wandb/offline-run-*` uploads later."""
 
 from __future__ import annotations
 
@@ -9,8 +11,19 @@ import time
 from pathlib import Path
 
 
+def sweep_group() -> str | None:
+    """The sweep a run belongs to (its Hydra sweep dir), None for a single run or outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
+
+
 class MetricsLogger:
-    def __init__(self, path: Path, use_wandb: bool = False, run_name: str = "", config: dict | None = None):
+    def __init__(self, path: Path, use_wandb: bool = False, run_name: str = "", config: dict | None = None,
+                 group: str | None = None, tags: list[str] | None = None):
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb_run = None
@@ -18,7 +31,8 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")
-            self.wandb_run = wandb.init(project="lol-rl", name=run_name, config=config, dir=str(path.parent))
+            self.wandb_run = wandb.init(project="lol-rl", name=run_name, group=group or sweep_group(), tags=tags,
+                                        config=config, dir=str(path.parent))
 
     def log(self, stage: str, step: int, **values) -> None:
         record = {"stage": stage, "step": step, "time": time.time(), **values}
