@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from lol_rl.report import collect_runs, format_summary, run_label, summary_rows
@@ -39,3 +40,125 @@ def test_summary_aggregates_seeds_and_keeps_settings_apart(tmp_path):
 
 def test_run_label_drops_seed_algo_and_hydra_overrides():
     assert run_label("alol", ["algo=alol", "seed=3", "hydra.run.dir=x", "algo.params.eps=0.2"]) == "alol algo.params.eps=0.2"
+
+
+# ---------------------------------------------------------------- lol-rl report
+
+from lol_rl.report import ReportError, build_sections, format_csv, format_markdown, main, write_report  # noqa: E402
+
+HHA_SEGMENTS = ("harmless_base", "helpful_base", "helpful_online", "helpful_rejection")
+
+
+def hha_metrics(reward: float) -> dict:
+    return {"reward": reward, "rewards": {"hha_reward": reward}, "length": 40.0, "distinct": [0.1, 0.4, 0.7],
+            "n": 8, "segments": {s: {"reward": reward + i / 100, "n": 2} for i, s in enumerate(HHA_SEGMENTS)}}
+
+
+def report_run(sweep: Path, job: int, task: str, algo: str, seed: int, policy: dict, reference: dict,
+               paper: str | None = None, validation: list[tuple[int, float]] = (), advantage: Path | None = None):
+    """A finished run as `lol-rl train` leaves it: config, overrides, stages, eval, metrics."""
+    run = sweep / str(job)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"algo": {"name": algo}, "task": {"name": task}, "seed": seed, "paper": paper}),
+                   run / "config.yaml")
+    overrides = [f"task={task}", f"algo={algo}", f"seed={seed}", "+experiment=x"]
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    stages = {"eval_ref": {"dir": f"eval/ref-{task}"}}
+    if advantage is not None:
+        stages["advantage"] = {"dir": str(advantage)}
+    (run / "stages.json").write_text(json.dumps(stages))
+    (run / "eval.json").write_text(json.dumps({"reference": reference, "policy": policy}))
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"stage": "rl/validation", "step": step, "reward": reward}) + "\n" for step, reward in validation))
+
+
+def advantage_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "cache" / "advantage" / "abc"
+    folder.mkdir(parents=True)
+    rows = [{"reward": r, "advantage": a, "kept": a > 0} for r, a in [(0.2, -0.3), (0.9, 0.4), (0.7, 0.1), (0.4, -0.1)]]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_report_puts_tasks_apart_in_the_papers_row_order_with_published_rows_beside(tmp_path):
+    sweep = tmp_path / "multirun"
+    ref = hha_metrics(0.45)
+    job = 0
+    for algo, rewards in [("alol", (0.57, 0.59)), ("nll", (0.50, 0.52)), ("dpo", (0.55, 0.57))]:
+        for seed, reward in enumerate(rewards, start=1):
+            report_run(sweep, job, "hha", algo, seed, hha_metrics(reward), ref, paper="table2")
+            job += 1
+    reddit = {"reward": 3.0, "rewards": {"fluency": 0.9, "safety": 0.8, "engagement": 0.5, "upvote": 0.5, "tfidf": 0.3},
+              "length": 12.0, "distinct": [0.1, 0.4, 0.6], "n": 5}
+    report_run(sweep, job, "reddit_pos", "wbc", 1, reddit, reddit, paper="table4")
+    sections = build_sections(collect_runs(sweep))
+    assert [s.task for s in sections] == ["hha", "reddit_pos"]
+    hha = sections[0]
+    assert [r.name for r in hha.rows] == ["test good responses (paper)", "test bad responses (paper)", "pi_ref",
+                                          "pi_ref (paper)", "nll", "nll (paper)", "dpo", "dpo (paper)", "alol",
+                                          "alol (paper)"]
+    assert [c.key for c in hha.columns][:5] == [*(f"segment/{s}" for s in HHA_SEGMENTS), "reward"]
+    markdown = format_markdown(sections)
+    # ours on the paper's x100 scale, mean +- std over 2 seeds; the paper's as printed
+    assert "| alol | 2 | 58.0 +- 1.4 | 59.0 +- 1.4 | 60.0 +- 1.4 | 61.0 +- 1.4 | 58.0 +- 1.4 | 40.0 +- 0.0 |" in markdown
+    assert "| test bad responses (paper) |  | 50.0 | 34.3 | 59.4 | 45.3 | 45.4 | 45.3 | 0.099 |" in markdown
+    assert "| alol (paper) | 3 | 64.3 | 50.3 | 61.1 | 55.8 | 57.3 +- 0.3 | 42.3 +- 1.9 |" in markdown
+    assert "## reddit_pos (trained on upvoted)" in markdown
+    assert "| wbc | 1 | 3.000 | 0.900 | 0.800 | 0.500 | 0.500 | 0.300 | 12.0 |" in markdown  # one column per component
+    assert "| wbc (paper) |  | 2.97 | 0.92 | 0.85 | 0.49 | 0.45 | 0.25 | 15.3 |" in markdown
+    csv_lines = format_csv(sections).splitlines()
+    assert csv_lines[0].startswith("task,source,policy,n_seeds,reward_scale,segment/harmless_base_mean,")
+    assert any(line.startswith("hha,ours,alol,2,100.0,58.0") for line in csv_lines)
+
+
+def test_report_without_a_paper_has_no_published_rows(tmp_path):
+    sweep = tmp_path / "multirun"
+    report_run(sweep, 0, "toy", "alol", 1, metrics(2.8), metrics(2.6))
+    report_run(sweep, 1, "toy", "alol", 2, metrics(3.0), metrics(2.6))
+    markdown = format_markdown(build_sections(collect_runs(sweep)))
+    assert "(paper)" not in markdown
+    assert "every run: `task=toy +experiment=x`" in markdown  # what all runs share is said once, not in each row name
+    assert "| alol | 2 | 2.900 +- 0.141 | 1.450 +- 0.071 | 1.450 +- 0.071 | 5.0 +- 0.0 |" in markdown
+
+
+def test_report_writes_tables_and_both_figures(tmp_path):
+    sweep = tmp_path / "multirun"
+    advantage = advantage_dir(tmp_path)
+    for seed in (1, 2):
+        report_run(sweep, seed, "toy", "alol", seed, metrics(2.8), metrics(2.6),
+                   validation=[(10, 2.6), (20, 2.7 + seed / 100)], advantage=advantage)
+    report_run(sweep, 3, "toy", "dpo", 1, metrics(2.7), metrics(2.6), validation=[(10, 2.65)], advantage=advantage)
+    out = tmp_path / "report"
+    markdown = write_report(sweep, out)
+    assert (out / "table.md").read_text() == markdown
+    assert (out / "table.csv").read_text().count("\n") == 4  # header, pi_ref, dpo, alol
+    for figure in ("fig2_validation_toy.png", "fig1_distributions_toy.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert sorted(p.name for p in out.iterdir()) == ["fig1_distributions_toy.png", "fig2_validation_toy.png",
+                                                     "table.csv", "table.md"]  # no temp file left behind
+
+
+def test_seed_band_is_mean_min_max_over_the_seeds_that_logged_each_step():
+    from lol_rl.report import seed_band
+
+    steps, mean, low, high = seed_band([{10: 1.0, 20: 2.0}, {10: 3.0}])
+    assert (steps, mean, low, high) == ([10, 20], [2.0, 2.0], [1.0, 2.0], [3.0, 2.0])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda tmp: tmp / "nowhere", "nowhere: no such directory"),
+    (lambda tmp: tmp, "no finished run (no <job>/eval.json with its stages.json)"),
+])
+def test_report_of_a_missing_or_empty_sweep_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as info:
+        main([str(make(tmp_path))])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lol-rl: ") and message in err and err.count("\n") == 1
+
+
+def test_report_names_a_corrupt_eval_file(tmp_path):
+    report_run(tmp_path, 0, "toy", "alol", 1, metrics(2.8), metrics(2.6))
+    (tmp_path / "0" / "eval.json").write_text("{not json")
+    with pytest.raises(ReportError, match=r"0/eval.json: not valid JSON"):
+        write_report(tmp_path, tmp_path / "report")

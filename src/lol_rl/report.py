@@ -1,32 +1,76 @@
-"""Aggregate finished runs into one table: test reward (total and per component), length and
-distinct-1/2/3, mean +- std over seeds. At the end of a sweep (`lol-rl train -m ...`) the
-`SweepSummary` callback prints it and writes `summary.md` / `summary.json` in the sweep dir."""
+"""Aggregate finished runs: the sweep summary, and the paper's tables and figures.
+
+    lol-rl report multirun/toy_table2              # -> multirun/toy_table2/report/
+    lol-rl report multirun/table4 --out results/   # table.md, table.csv, fig1_*.png, fig2_*.png
+
+At the end of a sweep (`lol-rl train -m ...`) the `SweepSummary` callback prints one table and
+writes `summary.md` / `summary.json` in the sweep dir, then the full report into `report/`.
+The report has one section per task: pi_ref, then each method in the paper's row order, mean
++- std over seeds; beside each row the paper's published one when the runs' `paper` names a
+table (src/lol_rl/published.py). Figures: validation reward vs step per method family (paper
+Fig. 2) and the train rewards and advantages of pi_ref (paper Fig. 1)."""
 
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import json
 import logging
+import os
 import statistics
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from .published import PUBLISHED, PublishedTable
+
 log = logging.getLogger(__name__)
+
+# the paper's row order (Table 2); our filter-only ablation sits by NLL; unknown algos go last
+METHOD_ORDER = ("nll", "nll_kept", "pro", "dpo_ref_free", "dpo", "wbc", "gold", "rlol",
+                "alol_ref_free", "alol", "alol_seq", "alol_kl", "ppo")
+FAMILIES = {  # paper Fig. 2's panels
+    "NLL": ("nll", "nll_kept"),
+    "preference": ("dpo", "dpo_ref_free", "pro"),
+    "reward-based": ("wbc", "gold", "rlol"),
+    "A-LOL": ("alol", "alol_ref_free", "alol_seq", "alol_kl"),
+    "online": ("ppo",),
+}
+
+
+class ReportError(Exception):
+    """A sweep dir that cannot be reported on: one line for the user, no traceback."""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON ({err})") from None
 
 
 def collect_runs(sweep_dir: Path) -> list[dict]:
-    """Every finished run under `sweep_dir`: its algo, seed, reference and policy metrics."""
+    """Every finished run under `sweep_dir`: its algo, task, seed, reference and policy metrics.
+    A run is finished once it has both eval.json and stages.json (written last, in that order)."""
     runs = []
     for eval_path in sorted(sweep_dir.glob("*/eval.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        cfg = OmegaConf.load(eval_path.parent / "config.yaml")
-        stages = json.loads((eval_path.parent / "stages.json").read_text())
-        results = json.loads(eval_path.read_text())
-        overrides_file = eval_path.parent / ".hydra" / "overrides.yaml"
+        run_dir = eval_path.parent
+        if not (run_dir / "stages.json").is_file():
+            continue
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        stages = _read_json(run_dir / "stages.json")
+        results = _read_json(eval_path)
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-        runs.append({"name": run_label(cfg.algo.name, overrides), "seed": cfg.seed,
+        runs.append({"algo": cfg.algo.name, "task": OmegaConf.select(cfg, "task.name", default="task"),
+                     "seed": cfg.seed, "paper": OmegaConf.select(cfg, "paper", default=None),
+                     "overrides": overrides, "run_dir": run_dir, "stages": stages,
                      "reference_key": stages["eval_ref"]["dir"], **results})
-    return runs
+    return label_runs(runs)
 
 
 def run_label(algo: str, overrides: list[str]) -> str:
@@ -34,6 +78,20 @@ def run_label(algo: str, overrides: list[str]) -> str:
     its settings apart; seeds are what a row aggregates over."""
     rest = [o for o in overrides if not o.startswith(("algo=", "seed=", "hydra."))]
     return " ".join([algo, *rest])
+
+
+def shared_overrides(runs: list[dict]) -> list[str]:
+    """Overrides every run has (`+experiment=...`, a data path): they tell no two rows apart."""
+    if not runs:
+        return []
+    common = set(runs[0]["overrides"]).intersection(*(r["overrides"] for r in runs[1:]))
+    return [o for o in runs[0]["overrides"] if o in common and not o.startswith(("algo=", "seed=", "hydra."))]
+
+
+def label_runs(runs: list[dict]) -> list[dict]:
+    """The runs, each `name`d by what sets it apart from the others in `runs`."""
+    shared = set(shared_overrides(runs))
+    return [{**r, "name": run_label(r["algo"], [o for o in r["overrides"] if o not in shared])} for r in runs]
 
 
 def _mean_std(values: list[float | None]) -> str:
@@ -57,6 +115,18 @@ def summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
+def method_rank(name: str) -> int:
+    """A row's place in the paper's order (its name starts with the algo, see run_label)."""
+    if name == "pi_ref":
+        return -1
+    algo = name.split()[0]
+    return METHOD_ORDER.index(algo) if algo in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def paper_order(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    return dict(sorted(rows.items(), key=lambda item: method_rank(item[0])))  # stable: settings keep their order
+
+
 def format_summary(rows: dict[str, list[dict]]) -> str:
     components = list(next(iter(rows.values()))[0]["rewards"])
     header = ["policy", "runs", "reward", *components, "length", "distinct-1/2/3"]
@@ -70,8 +140,320 @@ def format_summary(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+# ---- the report's tables -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    key: str        # segment/<name>, reward, reward/<component>, length, distinct-1..3 (CSV: <key>_mean, <key>_std)
+    header: str
+    is_reward: bool  # shown on the published table's reward scale
+
+
+def metric_value(metrics: dict, key: str) -> float | None:
+    if key.startswith("segment/"):
+        return metrics.get("segments", {}).get(key.removeprefix("segment/"), {}).get("reward")
+    if key.startswith("reward/"):
+        return metrics["rewards"].get(key.removeprefix("reward/"))
+    if key.startswith("distinct-"):
+        return metrics["distinct"][int(key.removeprefix("distinct-")) - 1]
+    return metrics[key]
+
+
+def table_columns(all_metrics: list[dict]) -> list[Column]:
+    segments = list(dict.fromkeys(s for m in all_metrics for s in m.get("segments", {})))
+    components = list(dict.fromkeys(c for m in all_metrics for c in m["rewards"]))
+    if len(components) < 2:  # one component is the total reward again (HHA's reward model)
+        components = []
+    return [*(Column(f"segment/{s}", s, True) for s in segments), Column("reward", "reward", True),
+            *(Column(f"reward/{c}", c, True) for c in components), Column("length", "length", False),
+            *(Column(f"distinct-{n}", f"distinct-{n}", False) for n in (1, 2, 3))]
+
+
+@dataclass
+class TableRow:
+    name: str
+    source: str                  # ours | paper
+    n_seeds: int | None
+    cells: dict[str, tuple[float | None, float | None]]  # column key -> (mean, std); std None with one seed
+
+
+@dataclass
+class Section:
+    task: str
+    columns: list[Column]
+    rows: list[TableRow]
+    published: PublishedTable | None
+    shared: list[str]
+
+    @property
+    def reward_scale(self) -> float:
+        return self.published.reward_scale if self.published else 1.0
+
+
+def aggregate(metrics: list[dict], columns: list[Column], scale: float) -> dict[str, tuple[float | None, float | None]]:
+    """Mean and std over seeds per column; reward columns multiplied by `scale`."""
+    cells = {}
+    for column in columns:
+        values = [metric_value(m, column.key) for m in metrics]
+        if any(v is None for v in values):  # no scorer, or a segment one run lacks
+            cells[column.key] = (None, None)
+            continue
+        values = [v * scale if column.is_reward else v for v in values]
+        cells[column.key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+    return cells
+
+
+def published_row(published: PublishedTable, method: str, name: str) -> TableRow | None:
+    row = published.row(method)
+    if row is None:
+        return None
+    cells = {k: (v, row.std.get(k)) for k, v in row.values.items()}
+    seeds = None if method.startswith("test_") else published.seeds  # the test set's own responses: no training
+    return TableRow(f"{name} (paper)", "paper", seeds, cells)
+
+
+def section_paper(task: str, runs: list[dict]) -> PublishedTable | None:
+    papers = {r["paper"] for r in runs}
+    if len(papers) > 1:  # runs of one task from different configurations: no single table to compare with
+        log.warning("%s: runs name different papers %s; no published rows", task, sorted(map(str, papers)))
+        return None
+    return PUBLISHED.get(papers.pop() or "", {}).get(task)
+
+
+def build_section(task: str, runs: list[dict]) -> Section:
+    runs = label_runs(runs)  # within one task, `task=` and the like set no row apart
+    published = section_paper(task, runs)
+    grouped = paper_order(summary_rows(runs))
+    columns = table_columns([m for metrics in grouped.values() for m in metrics])
+    scale = published.reward_scale if published else 1.0
+    rows = []
+    if published:  # rows the paper has and no run can have (the test set's own responses)
+        rows += [published_row(published, r.method, r.label) for r in published.rows if r.method.startswith("test_")]
+    names = list(grouped)
+    for i, (name, metrics) in enumerate(grouped.items()):
+        rows.append(TableRow(name, "ours", len(metrics), aggregate(metrics, columns, scale)))
+        algo = name.split()[0]
+        last_of_algo = i + 1 == len(names) or names[i + 1].split()[0] != algo
+        if published and last_of_algo and (paper := published_row(published, algo, algo)):
+            rows.append(paper)
+    return Section(task, columns, rows, published, shared_overrides(runs))
+
+
+def build_sections(runs: list[dict]) -> list[Section]:
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    return [build_section(task, [r for r in runs if r["task"] == task]) for task in tasks]
+
+
+def format_cell(mean: float | None, std: float | None, digits: int, source: str) -> str:
+    if mean is None:
+        return "" if source == "paper" else "n/a"
+    if source == "paper":  # as printed in the paper (repr: the digits transcribed), none invented
+        return repr(mean) + (f" +- {std!r}" if std is not None else "")
+    return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if std is not None else "")
+
+
+def column_digits(column: Column, scale: float) -> int:
+    if column.key == "length":
+        return 1
+    return 1 if column.is_reward and scale >= 100 else 3
+
+
+def format_section(section: Section) -> str:
+    title = f"## {section.task}" + (f" ({section.published.section})" if section.published else "")
+    lines = [title, ""]
+    if section.shared:
+        lines += [f"every run: `{' '.join(section.shared)}`", ""]
+    header = ["policy", "seeds", *(c.header for c in section.columns)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in section.rows:
+        cells = [format_cell(*row.cells.get(c.key, (None, None)), column_digits(c, section.reward_scale), row.source)
+                 for c in section.columns]
+        lines.append("| " + " | ".join([row.name, "" if row.n_seeds is None else str(row.n_seeds), *cells]) + " |")
+    if section.published:
+        lines += ["", f"(paper) rows: Baheti et al. 2024, {section.published.source}, as in src/lol_rl/published.py."]
+        if section.published.reward_scale != 1:
+            lines.append(f"Rewards are x {section.published.reward_scale:g} (the paper's sigmoid x 100 scale); "
+                         f"ours are multiplied to match.")
+    return "\n".join(lines)
+
+
+def format_markdown(sections: list[Section]) -> str:
+    return "\n\n".join(format_section(s) for s in sections) + "\n"
+
+
+def format_csv(sections: list[Section]) -> str:
+    """One row per task x policy (ours and the paper's): <metric>_mean, <metric>_std, n_seeds;
+    `reward_scale` says what the reward columns were multiplied by."""
+    keys = list(dict.fromkeys(c.key for s in sections for c in s.columns))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "source", "policy", "n_seeds", "reward_scale",
+                     *(f"{k}_{stat}" for k in keys for stat in ("mean", "std"))])
+    for section in sections:
+        for row in section.rows:
+            cells = [row.cells.get(k, (None, None)) for k in keys]
+            writer.writerow([section.task, row.source, row.name, "" if row.n_seeds is None else row.n_seeds,
+                             section.reward_scale, *("" if v is None else repr(v) for cell in cells for v in cell)])
+    return buffer.getvalue()
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """`write(temp path)` then rename: a killed report never leaves a half-written file."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(temp)
+    os.replace(temp, path)
+
+
+def validation_curve(run_dir: Path) -> dict[int, float]:
+    """step -> validation reward; a resumed run logs some steps twice, the last one counts."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    curve = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("stage") == "rl/validation" and record.get("reward") is not None:
+            curve[int(record["step"])] = float(record["reward"])
+    return curve
+
+
+def family_of(algo: str) -> str:
+    return next((family for family, algos in FAMILIES.items() if algo in algos), "other")
+
+
+def seed_band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """steps, mean, min, max over the seeds that logged each step."""
+    steps = sorted(set().union(*curves))
+    per_step = [[c[s] for c in curves if s in c] for s in steps]
+    return steps, [statistics.mean(v) for v in per_step], [min(v) for v in per_step], [max(v) for v in per_step]
+
+
+def plot_validation(task: str, runs: list[dict], path: Path, scale: float) -> bool:
+    """Paper Fig. 2: validation reward vs step, one panel per method family, mean over seeds
+    with a min..max band. False when no run logged a validation."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state inside a training process
+
+    by_method: dict[str, list[dict[int, float]]] = {}
+    for run in label_runs(runs):
+        if curve := validation_curve(run["run_dir"]):
+            by_method.setdefault(run["name"], []).append({s: r * scale for s, r in curve.items()})
+    if not by_method:
+        return False
+    families = [f for f in [*FAMILIES, "other"] if any(family_of(m.split()[0]) == f for m in by_method)]
+    fig = Figure(figsize=(4.6 * len(families), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    for ax, family in zip(axes, families):
+        for i, name in enumerate(m for m in sorted(by_method, key=method_rank) if family_of(m.split()[0]) == family):
+            steps, mean, low, high = seed_band(by_method[name])
+            color = f"C{i}"
+            ax.plot(steps, mean, color=color, marker="o", markersize=3, label=f"{name} ({len(by_method[name])} seeds)")
+            ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        ax.set_title(family)
+        ax.set_xlabel("step (PPO: update)" if family == "online" else "step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[0].set_ylabel("validation reward" + (f" (x {scale:g})" if scale != 1 else ""))
+    fig.suptitle(f"{task}: validation reward, mean over seeds (band: min..max)")
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+    return True
+
+
+def resolve_stage_dir(run_dir: Path, stage_dir: str) -> Path | None:
+    """Stage dirs are recorded relative to where `lol-rl train` ran (Hydra's runtime.cwd);
+    fall back to the current dir and the run dir's ancestors for a moved sweep."""
+    path = Path(stage_dir)
+    if path.is_absolute():
+        return path if path.is_dir() else None
+    bases = []
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        bases.append(Path(OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd", default=".")))
+    bases += [Path.cwd(), *run_dir.resolve().parents]
+    return next((base / path for base in bases if (base / path).is_dir()), None)
+
+
+def advantage_rows(runs: list[dict]) -> list[dict] | None:
+    """The advantage artifact's rows.jsonl of the first run that has one."""
+    for run in runs:
+        if "advantage" not in run["stages"]:
+            continue
+        found = resolve_stage_dir(run["run_dir"], run["stages"]["advantage"]["dir"])
+        if found is not None and (found / "rows.jsonl").is_file():
+            return [json.loads(line) for line in (found / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return None
+
+
+def plot_distributions(task: str, rows: list[dict], path: Path, scale: float) -> None:
+    """Paper Fig. 1: the train rewards R and the advantages A = R - V(x) of pi_ref; the rows
+    with A <= 0 are the ones A-LOL drops."""
+    from matplotlib.figure import Figure
+
+    rewards = [r["reward"] * scale for r in rows]
+    advantages = [r["advantage"] * scale for r in rows]
+    dropped = sum(not r["kept"] for r in rows) / len(rows)
+    unit = f" (x {scale:g})" if scale != 1 else ""
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax_r, ax_a = fig.subplots(1, 2)
+    ax_r.hist(rewards, bins=40, color="C0")
+    ax_r.set_xlabel(f"train reward R{unit}")
+    ax_r.set_ylabel("train rows")
+    ax_r.set_title("reward R(x, y)")
+    ax_a.hist([a for a in advantages if a > 0], bins=40, color="C2", label="A > 0 (kept)")
+    ax_a.hist([a for a in advantages if a <= 0], bins=40, color="C3", alpha=0.8, label="A <= 0 (dropped)")
+    ax_a.axvline(0.0, color="black", linestyle="--", linewidth=1.2, label="A = 0")
+    ax_a.set_xlabel(f"advantage A = R - V(x){unit}")
+    ax_a.set_title("advantage of pi_ref")
+    ax_a.legend(fontsize=9)
+    fig.suptitle(f"{task}: {len(rows)} train rows, {100 * dropped:.1f}% dropped (A <= 0)")
+    atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+def write_report(sweep_dir: Path, out_dir: Path) -> str:
+    """Tables (table.md, table.csv) and figures of every finished run under `sweep_dir`, into
+    `out_dir`; returns the markdown."""
+    if not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: no such directory")
+    runs = collect_runs(sweep_dir)
+    if not runs:
+        raise ReportError(f"{sweep_dir}: no finished run (no <job>/eval.json with its stages.json)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = build_sections(runs)
+    markdown = format_markdown(sections)
+    atomic_write(out_dir / "table.md", lambda temp: temp.write_text(markdown))
+    atomic_write(out_dir / "table.csv", lambda temp: temp.write_text(format_csv(sections)))
+    for section in sections:
+        task_runs = [r for r in runs if r["task"] == section.task]
+        if not plot_validation(section.task, task_runs, out_dir / f"fig2_validation_{section.task}.png", section.reward_scale):
+            log.info("report: %s: no validation records, no fig2", section.task)
+        rows = advantage_rows(task_runs)
+        if rows:
+            plot_distributions(section.task, rows, out_dir / f"fig1_distributions_{section.task}.png", section.reward_scale)
+        else:
+            log.info("report: %s: no run has an advantage stage (or its rows.jsonl is gone), no fig1", section.task)
+    log.info("report: %d runs, written to %s", len(runs), out_dir)
+    return markdown
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lol-rl report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a finished Hydra sweep dir (<sweep>/<job>/eval.json)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep dir>/report/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        markdown = write_report(args.sweep_dir, args.out or args.sweep_dir / "report")
+    except ReportError as err:
+        print(f"lol-rl: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown, end="")
+
+
 class SweepSummary(Callback):
-    """Hydra callback: one table for the whole sweep when the multirun ends."""
+    """Hydra callback: one table for the whole sweep when the multirun ends, and the report."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -82,5 +464,12 @@ class SweepSummary(Callback):
         rows = summary_rows(runs)
         table = format_summary(rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
-        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+        summary = {name: metrics for name, metrics in rows.items()}
+        (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nsweep summary ({len(runs)} runs, {sweep_dir}):\n{table}")
+        try:
+            write_report(sweep_dir, sweep_dir / "report")
+        except Exception as err:  # the runs are done and summarised: a plotting failure must not fail the sweep
+            log.warning("report of %s failed (%s); rerun with `lol-rl report %s`", sweep_dir, err, sweep_dir)
+            return
+        print(f"report (tables, figures): {sweep_dir / 'report'}")
