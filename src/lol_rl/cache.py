@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from . import distributed
 from .faults import kill_point
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,37 @@ class StageCache:
         return partial
 
     def stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None = None,
-              resumable: bool = False) -> Path:
+              resumable: bool = False, parallel: bool = False) -> Path:
         """The artifact dir of `stage` for `parts`, building it with `build(work_dir)` if missing.
-        A `resumable` build keeps its work dir when it is killed or fails, for the next run."""
+        A `resumable` build keeps its work dir when it is killed or fails, for the next run.
+
+        Under several processes (distributed.py) the main process owns the cache: it alone
+        builds a stage while the others wait, except a `parallel` stage (a data-parallel training
+        loop), whose `build` every process runs in the main process's work dir (writing is the
+        main process's part of it)."""
+        if distributed.world_size() == 1:
+            return self._stage(stage, parts, build, label, resumable)
+        if distributed.broadcast(self.path(stage, parts).is_dir() if distributed.is_main() else None):
+            parallel = False  # built already: the main process checks it, nobody builds
+        if not distributed.is_main():
+            if parallel:
+                build(distributed.broadcast())  # the main process's work dir
+                distributed.barrier()
+            distributed.barrier()  # until the main process has the artifact in place
+            return self.path(stage, parts)
+
+        def build_together(work_dir: Path) -> None:
+            distributed.broadcast(work_dir)
+            build(work_dir)
+            distributed.barrier()  # every process's part done before the manifest and rename
+
+        try:
+            return self._stage(stage, parts, build_together if parallel else build, label, resumable)
+        finally:
+            distributed.barrier()
+
+    def _stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None,
+               resumable: bool) -> Path:
         label = label or stage
         key = config_key(stage, parts)
         final = self.root / stage / key

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .schema import register as _register_schema
@@ -135,7 +136,20 @@ def main() -> None:
 
         report_main(sys.argv[1:])
         return
+    if command in ("train", "audit"):
+        share_output_dirs()
     {"train": _train_app, "judge": _judge_app, "audit": _audit_app}[command]()()
+
+
+def share_output_dirs() -> None:
+    """Under `accelerate launch` every process starts Hydra: give them the main process's run
+    and sweep dirs (conf/config.yaml reads these), or each would read its own clock."""
+    from . import distributed
+
+    if distributed.launched():
+        stamp = distributed.broadcast(time.strftime("%Y-%m-%d/%H-%M-%S") if distributed.is_main() else None)
+        os.environ.setdefault("LOL_RL_RUN_DIR", f"outputs/{stamp}")
+        os.environ.setdefault("LOL_RL_SWEEP_DIR", f"multirun/{stamp}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from . import distributed
 from .advantage import run_advantage
 from .cache import StageCache
 from .evaluate import run_eval
@@ -75,7 +76,7 @@ def run_train(cfg, run_dir: Path) -> dict:
     task = build_task(cfg.task, reward_override=reward_specs(cfg.reward), device=cfg.device)
     preflight(cfg.algo, task)
     trainer = cfg.algo.get("trainer", "offline")
-    device = resolve_device(cfg.device)
+    device = distributed.process_device(resolve_device(cfg.device))
     quantization_config(cfg.model, device)  # QLoRA without a GPU stops here, before any stage
     for reward in {id(r): r for r in (task.reward, task.test_reward) if r is not None}.values():
         reward.check_available()  # a reward model missing offline stops here, not after sft
@@ -85,19 +86,24 @@ def run_train(cfg, run_dir: Path) -> dict:
     cache = StageCache(cfg.cache_dir)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}", tags=[cfg.task.name, cfg.algo.name],
-                            config=OmegaConf.to_container(cfg, resolve=True))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                            config=OmegaConf.to_container(cfg, resolve=True), enabled=distributed.is_main())
+    main = distributed.is_main()  # under several processes the main one writes the run dir
+    if main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     data, scored = stage_keys(cfg, task)
-    sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
+    sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device),
+                      parallel=True)
     advantage = None
     if set(cfg.algo.needs) & {"advantage", "reference", "reward"}:
         advantage = advantage_stage(cfg, task, cache, sft, scored, metrics, device)
     cfg = resolve_budget(cfg, "rl", rl_rows(cfg.algo, train_rows, advantage))
-    atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
+    if main:
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device),
-                     resumable=True)  # both loops checkpoint: a killed run continues
+                     resumable=True,  # both loops checkpoint: a killed run continues
+                     parallel=trainer == "offline")  # data-parallel; PPO runs on the main process
     evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}
     ref_eval = cache.stage("eval", {**evaluation, "policy": f"sft/{sft.name}"},
                            lambda out: run_eval(cfg, task, sft, out, device), label="eval_ref")
@@ -108,9 +114,11 @@ def run_train(cfg, run_dir: Path) -> dict:
         "reference": json.loads((ref_eval / "metrics.json").read_text()),
         "policy": json.loads((policy_eval / "metrics.json").read_text()),
     }
+    metrics.close()
+    if not main:
+        return results
     atomic_write(run_dir / "eval.json", json.dumps(results, indent=2))
     atomic_write(run_dir / "stages.json", json.dumps(cache.timings, indent=2))
-    metrics.close()
     print(format_table({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
     return results
 

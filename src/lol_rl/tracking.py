@@ -23,10 +23,15 @@ def sweep_group() -> str | None:
 
 class MetricsLogger:
     def __init__(self, path: Path, use_wandb: bool = False, run_name: str = "", config: dict | None = None,
-                 group: str | None = None, tags: list[str] | None = None):
+                 group: str | None = None, tags: list[str] | None = None, enabled: bool = True):
+        """`enabled=False` (the other processes of a multi-process run): records go nowhere, the
+        main process logs the run."""
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self.wandb_run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if use_wandb:
             import wandb
 
@@ -35,6 +40,8 @@ class MetricsLogger:
                                         config=config, dir=str(path.parent))
 
     def log(self, stage: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
         record = {"stage": stage, "step": step, "time": time.time(), **values}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

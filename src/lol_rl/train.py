@@ -22,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from . import distributed
 from .data import RESPONSE, TokenizedRows, encode_rows, split_groups
+from .distributed import shard_rows
 from .evaluate import score_generations
 from .faults import kill_point
 from .generate import generate_with_config
@@ -113,8 +115,10 @@ class BatchSource:
             self._pending = [by_length[i] for i in torch.randperm(len(by_length), generator=self.generator).tolist()]
         return self._pending.pop()
 
-    def sample(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        indices = self.draw()
+    def sample(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next batch, or process `rank`'s disjoint share of it when `world` processes train
+        on one global batch (every process draws the same batches: same seed, same sampler)."""
+        indices = shard_rows(self.draw(), rank, world)
         batch = self.rows.batch(indices.tolist(), self.groups)
         if self.ragged:
             width = int(batch["response_lengths"].max())
@@ -212,8 +216,13 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     gradient stops the run (naming the step and the rows, by `row_ids`) unless
     `opt_cfg.skip_nonfinite`, which skips such steps and counts them. With `checkpoint`, the
     whole loop state (trainable weights, optimizer, scheduler, sampler, RNG, best score) is
-    saved there every `checkpoint_interval` steps, and a run that finds it continues from it."""
+    saved there every `checkpoint_interval` steps, and a run that finds it continues from it.
+
+    Under several processes each trains on its share of every global batch under DDP (the
+    gradient is the global batch's); the main process alone validates and checkpoints."""
     optimizer = make_optimizer(model, opt_cfg, optimizer_name)
+    rank, world = distributed.rank(), distributed.world_size()
+    trained = distributed.data_parallel(model)  # the forward/backward; `model` itself for generation and saving
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
@@ -236,8 +245,9 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     for step in bar:
         kill_point(f"{stage}:step:{step}")
         model.train()
-        indices, batch = source.sample()
-        loss, loss_metrics = loss_on_batch(model, to_device(batch, device), source.groups, loss_fn, params)
+        indices, batch = source.sample(rank, world)
+        distributed.record_shard(stage, step, indices)
+        loss, loss_metrics = loss_on_batch(trained, to_device(batch, device), source.groups, loss_fn, params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], opt_cfg.grad_clip)
@@ -257,20 +267,21 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
                 running[name] = running.get(name, 0.0) + value.detach().float()
         scheduler.step()
         if (step % opt_cfg.log_interval == 0 or step == opt_cfg.steps) and counted:
-            row = {name: (value / counted).item() for name, value in running.items()}
+            row = {name: (value / counted).item()
+                   for name, value in distributed.mean_over_processes(running).items()}
             running.clear()
             counted = 0
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             metrics.log(stage, step, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started,
                         skipped_steps=skipped, **row)
-        if validate is not None and (step % opt_cfg.val_interval == 0 or step == opt_cfg.steps):
+        if validate is not None and rank == 0 and (step % opt_cfg.val_interval == 0 or step == opt_cfg.steps):
             score, details = validate(model)
             metrics.log(f"{stage}/validation", step, reward=score, **details)
             if score > best["score"]:
                 best = {"score": score, "step": step}
                 if on_best is not None:
                     on_best(model, step, score)
-        if interval and step % interval == 0 and step < opt_cfg.steps:
+        if interval and step % interval == 0 and step < opt_cfg.steps and rank == 0:
             loop = {"step": step, "best": best, "running": running, "counted": counted, "skipped": skipped}
             save_checkpoint(checkpoint, {"model": trainable_state(model),
                                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -290,6 +301,8 @@ def run_sft(cfg, task: Task, out_dir: Path, metrics: MetricsLogger, device) -> N
     source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed)
     summary = optimize(model, source, LOSSES["nll"], {}, cfg.sft, device=device, stage="sft", metrics=metrics,
                        row_ids=[e.id for e in train], optimizer_name=cfg.model.get("optimizer", "adamw"))
+    if not distributed.is_main():  # the main process writes the artifact
+        return
     save_reference(model, tokenizer, out_dir, cfg.model)
     summary.update(truncated_prompts=rows.truncated_prompts, truncated_responses=rows.truncated_responses)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -389,12 +402,15 @@ def run_rl(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: 
         save_policy_atomically(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
         atomic_write_text(out_dir / "best.json", json.dumps({"step": step, "validation_reward": score}))
 
-    recover_policy(out_dir / "policy")  # a kill between the two renames of a policy swap
+    if distributed.is_main():
+        recover_policy(out_dir / "policy")  # a kill between the two renames of a policy swap
     validate = make_validator(task, tokenizer, cfg)
     summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=device, stage="rl",
                        metrics=metrics, validate=validate, on_best=save_best,
                        row_ids=[e.id for e in task.splits["train"]], optimizer_name=cfg.model.get("optimizer", "adamw"),
                        checkpoint=out_dir / CHECKPOINT)
+    if not distributed.is_main():  # the main process validated and saved
+        return
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # the finished artifact needs no loop state
     if validate is None:  # no scorer to choose a checkpoint by: the last step is the policy
         log.info("rl: the task has no reward scorer, so the last step is kept (no validation)")

@@ -1,0 +1,123 @@
+"""Several processes per run (`accelerate launch`, or torchrun): who this process is, and the few
+collectives the stages need. accelerate's PartialState owns the process group (NCCL on GPUs,
+gloo on CPU); with one process every function here is the identity.
+
+    accelerate launch --multi_gpu --num_processes 4 -m lol_rl.cli train   # 4 GPUs, or 4 CPU processes (gloo)
+
+The training stages (sft, offline rl) are data-parallel: every process draws the same global
+batch and trains on its own disjoint share of it under torch DDP, so the averaged gradient is
+the full batch's. The main process alone validates, writes artifacts, checkpoints and metrics;
+the other stages (value, advantage, eval, and online PPO's rl) are built by it while the
+others wait (see cache.py).
+
+With `LOL_RL_SHARD_RECORD=<dir>` (tests only) every process appends, per training step, the
+rows it trained on to `<dir>/<stage>-rank<r>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+# the other processes wait in a collective while the main one builds a whole stage (the
+# advantage stage of a 7B model runs for hours): torch's 30-minute default would kill them
+PROCESS_GROUP_TIMEOUT = timedelta(hours=48)
+
+
+def _state():
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # no GPU visible (or `accelerate launch --cpu`): the processes are CPU ones, over gloo
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def launched() -> bool:
+    """Started by a multi-process launcher (accelerate launch, torchrun): it sets WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    return _state().num_processes if launched() else 1
+
+
+def rank() -> int:
+    return _state().process_index if launched() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if launched():
+        _state().wait_for_everyone()
+
+
+def broadcast(value=None):
+    """The main process's `value`, on every process (pickled; for small Python objects)."""
+    if world_size() == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def on_main(fn, *args):
+    """`fn(*args)` computed by the main process alone; every process gets its result."""
+    return broadcast(fn(*args) if is_main() else None)
+
+
+def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each 0-d tensor averaged over the processes, in one all-reduce."""
+    if world_size() == 1 or not values:
+        return values
+    from accelerate.utils import reduce
+
+    means = reduce(torch.stack([v.float() for v in values.values()]), reduction="mean")
+    return dict(zip(values, means))
+
+
+def process_device(device: torch.device) -> torch.device:
+    """This process's device: its own GPU under several processes (`cuda` alone means cuda:0)."""
+    if device.type == "cuda" and world_size() > 1:
+        return _state().device
+    return device
+
+
+def shard_rows(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Process `rank`'s part of a global batch: every `world`-th row from position `rank`. The
+    parts are disjoint, equal-sized and cover the batch, so the mean of their mean losses is the
+    batch's mean loss; on a length-sorted batch each part gets long and short rows alike."""
+    if len(rows) % world:
+        raise ValueError(f"a batch of {len(rows)} rows cannot be split evenly over {world} processes; "
+                         f"use a batch size divisible by {world}")
+    return rows[rank::world]
+
+
+def this_process_rows(rows: torch.Tensor) -> torch.Tensor:
+    return shard_rows(rows, rank(), world_size())
+
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model wrapped in torch DDP under several processes (its backward averages the
+    gradients over them), the model itself with one."""
+    if world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def record_shard(stage: str, step: int, rows: torch.Tensor) -> None:
+    """With LOL_RL_SHARD_RECORD set: the train rows this process took at `step`."""
+    folder = os.environ.get("LOL_RL_SHARD_RECORD")
+    if not folder:
+        return
+    record = {"step": step, "rank": rank(), "world": world_size(), "rows": rows.tolist()}
+    with (Path(folder) / f"{stage}-rank{rank()}.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

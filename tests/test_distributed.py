@@ -1,0 +1,96 @@
+"""Data-parallel training: every process takes a disjoint share of each global batch and DDP
+averages the gradients, so two CPU processes (gloo) train what one process trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lol_rl.distributed import shard_rows
+from lol_rl.train import BatchSource
+from test_cli import ROOT, TINY
+
+# shuffled passes: the rows of one batch are distinct, so "disjoint" is about rows, not positions
+RUN = [*TINY, "threads=1", "algo=alol", "algo.sampling=shuffle"]
+
+
+def test_shards_are_disjoint_equal_and_cover_the_batch():
+    batch = torch.tensor([7, 3, 9, 1, 4, 8])
+    parts = [shard_rows(batch, rank, 3) for rank in range(3)]
+    assert [p.tolist() for p in parts] == [[7, 1], [3, 4], [9, 8]]
+    with pytest.raises(ValueError, match="a batch of 6 rows cannot be split evenly over 4 processes"):
+        shard_rows(batch, 0, 4)
+
+
+def test_every_process_draws_the_same_batch_and_takes_its_share():
+    rows = torch.arange(40)
+
+    class Rows:  # the two methods BatchSource.sample reads
+        def batch(self, indices, groups):
+            return {"input_ids": rows[indices]}
+
+    def source():
+        return BatchSource(Rows(), {}, {}, torch.arange(40), None, batch_size=8, seed=3, shuffle=True)
+
+    whole, first, second = source(), source(), source()
+    for _ in range(6):  # past one pass: the shuffle carries over
+        everything, _ = whole.sample()
+        (mine, batch), (theirs, _) = first.sample(0, 2), second.sample(1, 2)
+        assert sorted(mine.tolist() + theirs.tolist()) == sorted(everything.tolist())
+        assert not set(mine.tolist()) & set(theirs.tolist())
+        assert torch.equal(batch["input_ids"], mine)
+
+
+def train(tmp_path: Path, name: str, launcher: list[str]) -> tuple[Path, Path]:
+    cache, record, run_dir = tmp_path / name / "cache", tmp_path / name / "shards", tmp_path / name / "run"
+    record.mkdir(parents=True)
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "LOL_RL_SHARD_RECORD": str(record),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, "-m", "lol_rl.cli", "train", *RUN, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return cache, run_dir
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(cache: Path, stage: str) -> dict[str, torch.Tensor]:
+    [artifact] = (cache / stage).iterdir()
+    return load_file(next((artifact / "policy" if stage == "rl" else artifact).glob("*.safetensors")))
+
+
+def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path):
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    one_cache, one_run = train(tmp_path, "one", [sys.executable])
+    two_cache, two_run = train(tmp_path, "two", accelerate)
+    for stage in ("sft", "rl"):  # both data-parallel loops
+        single = records(one_cache.parent / "shards" / f"{stage}-rank0.jsonl")
+        ranks = [records(two_cache.parent / "shards" / f"{stage}-rank{r}.jsonl") for r in (0, 1)]
+        assert len(single) == len(ranks[0]) == len(ranks[1]) > 0
+        for whole, mine, theirs in zip(single, *ranks):
+            assert (mine["world"], theirs["world"]) == (2, 2)
+            if stage == "rl":  # shuffled passes; sft draws with replacement, so a row can repeat in a batch
+                assert not set(mine["rows"]) & set(theirs["rows"]), whole["step"]
+            assert sorted(mine["rows"] + theirs["rows"]) == sorted(whole["rows"]), whole["step"]
+        one, two = weights(one_cache, stage), weights(two_cache, stage)
+        assert one.keys() == two.keys()
+        for key in one:  # the same updates up to the order of float sums
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{stage}: {key}")
+    losses = [[r["loss"] for r in records(run / "metrics.jsonl") if r["stage"] == "rl"] for run in (one_run, two_run)]
+    assert losses[0] and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # one process wrote the run: one metrics record per step logged, one eval.json, the same numbers
+    assert [r["step"] for r in records(two_run / "metrics.jsonl") if r["stage"] == "rl"] == [5, 10]
+    evaluated = [json.loads((run / "eval.json").read_text()) for run in (one_run, two_run)]
+    assert evaluated[1]["policy"]["reward"] == pytest.approx(evaluated[0]["policy"]["reward"], abs=1e-6)
+    shutil.rmtree(tmp_path)  # two caches of models
