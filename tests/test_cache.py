@@ -239,3 +239,21 @@ def test_a_bad_epoch_budget_stops_before_any_stage(stub_pipeline, tmp_path):
     with pytest.raises(pipeline.PreflightError, match="rl: validations_per_epoch needs epochs"):
         _run(pipeline, tmp_path, "run", ["rl.validations_per_epoch=2"])
     assert calls == []
+
+
+def test_a_partial_build_is_resumed_unless_its_owner_lives_on_this_host(tmp_path):
+    import socket
+
+    cache = StageCache(tmp_path)
+    final = cache.path("rl", {"rl": 1})
+    partial = final.parent / f".partial-{final.name}"
+    partial.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (partial / "owner.pid").write_text(f"{socket.gethostname()}:{sleeper.pid}")
+        assert cache._resumable_dir(final, final.name) is None  # a live builder here: leave it alone
+        (partial / "owner.pid").write_text(f"another-node:{sleeper.pid}")  # a requeued job's old node
+        assert cache._resumable_dir(final, final.name) == partial
+        assert (partial / "owner.pid").read_text() == f"{socket.gethostname()}:{os.getpid()}"
+    finally:
+        sleeper.kill()

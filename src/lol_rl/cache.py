@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -26,7 +27,7 @@ from .faults import kill_point
 
 log = logging.getLogger(__name__)
 
-OWNER = "owner.pid"  # in a resumable build dir: the process building it
+OWNER = "owner.pid"  # in a resumable build dir: the process building it, as <host>:<pid>
 
 # bump when an artifact's format or meaning changes, so old artifacts are not reused
 CACHE_VERSION = 3  # 3: every artifact has a manifest.json
@@ -81,12 +82,15 @@ class StageCache:
         partial = final.parent / f".partial-{key}"
         owner = partial / OWNER
         if owner.is_file():
-            pid = int(owner.read_text() or 0)
-            if pid != os.getpid() and _pid_alive(pid):
+            host, _, pid_text = owner.read_text().rpartition(":")
+            pid = int(pid_text or 0)
+            # a pid means something on its own host only: a build owned elsewhere (a requeued
+            # Slurm job that lands on another node) is taken to be gone
+            if (host or socket.gethostname()) == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
                 return None
-            log.info("resuming the build in %s (its process %d is gone)", partial, pid)
+            log.info("resuming the build in %s (its process %s:%d is gone)", partial, host or "?", pid)
         partial.mkdir(exist_ok=True)
-        owner.write_text(str(os.getpid()))
+        owner.write_text(f"{socket.gethostname()}:{os.getpid()}")
         return partial
 
     def stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None = None,
