@@ -1,8 +1,13 @@
-"""Progress bars are for people: quiet under CI and when stderr is not a terminal."""
+"""Progress bars are for people: quiet under CI, when stderr is not a terminal, and on all but
+the main process of a multi-process run (one bar per stage, not one per process)."""
 
 import os
 import sys
 
+from . import distributed
+
 
 def progress_disabled() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty()
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") or not sys.stderr.isatty():
+        return True
+    return not distributed.is_main()
