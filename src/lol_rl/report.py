@@ -396,10 +396,13 @@ def plot_distributions(task: str, rows: list[dict], path: Path, scale: float) ->
     unit = f" (x {scale:g})" if scale != 1 else ""
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax_r, ax_a = fig.subplots(1, 2)
-    ax_r.hist(rewards, bins=40, color="C0")
+    # stacked by what A-LOL does with the row: where R and A disagree, V(x) is doing the work
+    ax_r.hist([[r for r, row in zip(rewards, rows) if row["kept"]], [r for r, row in zip(rewards, rows) if not row["kept"]]],
+              bins=40, stacked=True, color=["C2", "C3"], label=["kept (A > 0)", "dropped (A <= 0)"])
     ax_r.set_xlabel(f"train reward R{unit}")
     ax_r.set_ylabel("train rows")
     ax_r.set_title("reward R(x, y)")
+    ax_r.legend(fontsize=9)
     ax_a.hist([a for a in advantages if a > 0], bins=40, color="C2", label="A > 0 (kept)")
     ax_a.hist([a for a in advantages if a <= 0], bins=40, color="C3", alpha=0.8, label="A <= 0 (dropped)")
     ax_a.axvline(0.0, color="black", linestyle="--", linewidth=1.2, label="A = 0")
