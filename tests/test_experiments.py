@@ -60,10 +60,12 @@ def test_the_paper_grids():
     table2 = compose_experiment("table2")
     assert len(sweep_jobs(table2)) == 36
     assert (table2.task.name, table2.model.name, table2.sft.steps) == ("hha", "llama7b_qlora", 0)
+    assert (table2.rl.epochs, table2.rl.validations_per_epoch) == (1, 10)  # 9000 x kept-fraction steps for A-LOL
     table4 = compose_experiment("table4")
     assert len(sweep_jobs(table4)) == 2 * 8 * 3
     assert {j[0] for j in sweep_jobs(table4)} == {"task=reddit_pos", "task=reddit_neg"}
     assert (table4.generation.num_beams, table4.generation.repetition_penalty) == (2, 2.5)
+    assert (table4.sft.epochs, table4.rl.epochs, table4.rl.validations_per_epoch) == (6, 3, 2)
     assert len(sweep_jobs(compose_experiment("toy_table2"))) == 36
     assert len(sweep_jobs(compose_experiment("toy_table4"))) == 48
     for name in ("toy_table2", "toy_table4", "toy_commonsense", "toy_wow"):
