@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -342,8 +343,13 @@ def plot_validation(task: str, runs: list[dict], path: Path, scale: float) -> bo
     if not by_method:
         return False
     families = [f for f in [*FAMILIES, "other"] if any(family_of(m.split()[0]) == f for m in by_method)]
-    fig = Figure(figsize=(4.6 * len(families), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    columns = min(3, len(families))  # five families side by side would squash each panel
+    grid_rows = math.ceil(len(families) / columns)
+    fig = Figure(figsize=(5.2 * columns, 3.9 * grid_rows), layout="constrained")
+    grid = fig.subplots(grid_rows, columns, sharey=True, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(families):]:
+        ax.set_visible(False)
     for ax, family in zip(axes, families):
         for i, name in enumerate(m for m in sorted(by_method, key=method_rank) if family_of(m.split()[0]) == family):
             steps, mean, low, high = seed_band(by_method[name])
@@ -354,7 +360,8 @@ def plot_validation(task: str, runs: list[dict], path: Path, scale: float) -> bo
         ax.set_xlabel("step (PPO: update)" if family == "online" else "step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    axes[0].set_ylabel("validation reward" + (f" (x {scale:g})" if scale != 1 else ""))
+    for row in grid:
+        row[0].set_ylabel("validation reward" + (f" (x {scale:g})" if scale != 1 else ""))
     fig.suptitle(f"{task}: validation reward, mean over seeds (band: min..max)")
     atomic_write(path, lambda temp: fig.savefig(temp, format="png", dpi=110))
     return True
