@@ -96,6 +96,8 @@ def test_first_run_outputs(first_run, workspace):
         assert len(dirs) == count, (stage, dirs)
         assert not list((cache / stage).glob(".tmp-*"))
     assert (next((cache / "rl").iterdir()) / "policy").is_dir()
+    kept = [json.loads(line) for line in (next((cache / "rl").iterdir()) / "validation.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in kept] == [("rl/validation", 5), ("rl/validation", 10)]  # goes with the cached stage
     assert (next((cache / "advantage").iterdir()) / "advantages.pt").is_file()
     assert (next((cache / "value").iterdir()) / "value_head.pt").is_file()
 

@@ -162,3 +162,21 @@ def test_report_names_a_corrupt_eval_file(tmp_path):
     (tmp_path / "0" / "eval.json").write_text("{not json")
     with pytest.raises(ReportError, match=r"0/eval.json: not valid JSON"):
         write_report(tmp_path, tmp_path / "report")
+
+
+def test_a_run_that_reused_a_cached_rl_stage_has_its_curve_from_the_artifact(tmp_path):
+    from lol_rl.report import validation_curve
+
+    artifact = tmp_path / "cache" / "rl" / "abc"
+    artifact.mkdir(parents=True)
+    records = [{"stage": "rl/validation", "step": 4, "reward": 2.5}, {"stage": "rl/validation", "step": 8, "reward": 2.6},
+               {"stage": "rl/validation", "step": 8, "reward": 2.7}]  # a resumed build logged step 8 again
+    (artifact / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")  # the run built nothing: no validation of its own
+    assert validation_curve({"run_dir": run_dir, "stages": {"rl": {"dir": str(artifact)}}}) == {4: 2.5, 8: 2.7}
+    # an artifact from before rl artifacts kept their records: the run's own metrics
+    (artifact / "validation.jsonl").unlink()
+    (run_dir / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert validation_curve({"run_dir": run_dir, "stages": {"rl": {"dir": str(artifact)}}}) == {4: 2.5}

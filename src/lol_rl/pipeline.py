@@ -21,7 +21,7 @@ from .models import quantization_config, resolve_device
 from .ppo import run_ppo
 from .schedule import resolve_epochs
 from .tasks import Task, build_task
-from .tracking import MetricsLogger
+from .tracking import MetricsLogger, StageRecords
 from .train import run_rl, run_sft
 from .value import run_value
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # the rl stage's loop: one offline loop for every offline algorithm, and online PPO
 TRAINERS = {"offline": run_rl, "ppo": run_ppo}
+VALIDATION = "validation.jsonl"  # in the rl artifact: its validation records (report.py's fig2)
 
 
 class PreflightError(ValueError):
@@ -101,7 +102,8 @@ def run_train(cfg, run_dir: Path) -> dict:
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
-                     lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out, metrics, device),
+                     lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out,
+                                                   StageRecords(metrics, out / VALIDATION, ("rl/validation",)), device),
                      resumable=True,  # both loops checkpoint: a killed run continues
                      parallel=trainer == "offline")  # data-parallel; PPO runs on the main process
     evaluation = {"task": cfg.task, "reward": cfg.reward, "data": data["data"], "eval": cfg.eval, "generation": cfg.generation}

@@ -307,9 +307,14 @@ def atomic_write(path: Path, write) -> None:
     os.replace(temp, path)
 
 
-def validation_curve(run_dir: Path) -> dict[int, float]:
-    """step -> validation reward; a resumed run logs some steps twice, the last one counts."""
-    path = run_dir / "metrics.jsonl"
+def validation_curve(run: dict) -> dict[int, float]:
+    """step -> validation reward, from the rl artifact's own records (there even when this run
+    reused a cached stage), else from the run's metrics; a resumed build logs some steps twice,
+    the last one counts."""
+    artifact = resolve_stage_dir(run["run_dir"], run["stages"]["rl"]["dir"]) if "rl" in run["stages"] else None
+    path = artifact / "validation.jsonl" if artifact is not None else None
+    if path is None or not path.is_file():
+        path = run["run_dir"] / "metrics.jsonl"
     if not path.is_file():
         return {}
     curve = {}
@@ -338,7 +343,7 @@ def plot_validation(task: str, runs: list[dict], path: Path, scale: float) -> bo
 
     by_method: dict[str, list[dict[int, float]]] = {}
     for run in label_runs(runs):
-        if curve := validation_curve(run["run_dir"]):
+        if curve := validation_curve(run):
             by_method.setdefault(run["name"], []).append({s: r * scale for s, r in curve.items()})
     if not by_method:
         return False

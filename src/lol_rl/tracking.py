@@ -51,3 +51,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class StageRecords:
+    """`metrics`, plus a copy of the records of some stages in `path` inside a stage artifact:
+    a cached stage's validation curve goes with it to every run that reuses it."""
+
+    def __init__(self, metrics: MetricsLogger, path: Path, stages: tuple[str, ...]):
+        self.metrics, self.path, self.stages = metrics, path, stages
+
+    def log(self, stage: str, step: int, **values) -> None:
+        self.metrics.log(stage, step, **values)
+        if stage in self.stages and self.metrics.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
