@@ -19,7 +19,8 @@ import torch
 
 from .cache import StageCache
 from .models import resolve_device
-from .pipeline import advantage_stage, atomic_write, reward_specs, stage_keys
+from .files import atomic_write_text
+from .pipeline import advantage_stage, reward_specs, stage_keys
 from .tasks import Task, build_task
 from .tracking import MetricsLogger
 from .train import run_sft
@@ -107,8 +108,8 @@ def run_audit(cfg, run_dir: Path) -> dict:
     lowest = lowest_advantage(rows, cfg.audit.rows)
     examples = {e.id: e for e in task.splits["train"]}
     table = format_audit(summary, lowest, examples, cfg.audit.text_width)
-    atomic_write(run_dir / "audit.md", table + "\n")
-    atomic_write(run_dir / "audit.json", json.dumps({"advantage_dir": str(advantage), **summary,
+    atomic_write_text(run_dir / "audit.md", table + "\n")
+    atomic_write_text(run_dir / "audit.json", json.dumps({"advantage_dir": str(advantage), **summary,
                                                      "lowest": [{**r, "prompt": examples[r["id"]].prompt,
                                                                  "response": examples[r["id"]].response}
                                                                 for r in lowest]}, indent=2))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from . import distributed
 from .advantage import run_advantage
 from .cache import StageCache
 from .evaluate import run_eval
+from .files import atomic_write_text
 from .losses import check_params
 from .models import quantization_config, resolve_device
 from .ppo import run_ppo
@@ -99,7 +99,7 @@ def run_train(cfg, run_dir: Path) -> dict:
         advantage = advantage_stage(cfg, task, cache, sft, scored, metrics, device)
     cfg = resolve_budget(cfg, "rl", rl_rows(cfg.algo, train_rows, advantage))
     if main:
-        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with the resolved step budgets
     rl = cache.stage("rl", {**scored, "sft": sft.name, "advantage": advantage and advantage.name, "algo": cfg.algo,
                             "rl": cfg.rl, "generation": cfg.generation, "seed": cfg.seed},
                      lambda out: TRAINERS[trainer](cfg, task, sft, advantage, out,
@@ -119,8 +119,8 @@ def run_train(cfg, run_dir: Path) -> dict:
     metrics.close()
     if not main:
         return results
-    atomic_write(run_dir / "eval.json", json.dumps(results, indent=2))
-    atomic_write(run_dir / "stages.json", json.dumps(cache.timings, indent=2))
+    atomic_write_text(run_dir / "eval.json", json.dumps(results, indent=2))
+    atomic_write_text(run_dir / "stages.json", json.dumps(cache.timings, indent=2))
     print(format_table({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
     return results
 
@@ -163,11 +163,6 @@ def advantage_stage(cfg, task: Task, cache: StageCache, sft: Path, scored: dict,
     return cache.stage("advantage", {**scored, "sft": sft.name, "value": value.name},
                        lambda out: run_advantage(cfg, task, sft, value, out, metrics, device))
 
-
-def atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -35,6 +35,7 @@ from transformers import get_scheduler
 
 from .data import encode_rows
 from .faults import kill_point
+from .files import atomic_write_text
 from .logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
 from .losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from .models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
@@ -43,7 +44,7 @@ from .rewards import RewardError
 from .tasks import Task
 from .tracking import MetricsLogger
 from .train import (
-    CHECKPOINT, BatchSource, NonFiniteError, atomic_write_text, load_checkpoint, load_trainable_state, make_validator,
+    CHECKPOINT, BatchSource, NonFiniteError, load_checkpoint, load_trainable_state, make_validator,
     recover_policy, save_checkpoint, save_policy_atomically, trainable_state,
 )
 

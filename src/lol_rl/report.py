@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from .files import atomic_write
 from .published import PUBLISHED, PublishedTable
 
 log = logging.getLogger(__name__)
@@ -299,13 +299,6 @@ def format_csv(sections: list[Section]) -> str:
 
 
 # ---- figures -------------------------------------------------------------------------------
-
-def atomic_write(path: Path, write) -> None:
-    """`write(temp path)` then rename: a killed report never leaves a half-written file."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(temp)
-    os.replace(temp, path)
-
 
 def validation_curve(run: dict) -> dict[int, float]:
     """step -> validation reward, from the rl artifact's own records (there even when this run

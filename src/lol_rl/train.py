@@ -27,6 +27,7 @@ from .data import RESPONSE, TokenizedRows, encode_rows, split_groups
 from .distributed import shard_rows
 from .evaluate import score_generations
 from .faults import kill_point
+from .files import atomic_write_text
 from .generate import generate_with_config
 from .logprobs import response_logprobs, to_device
 from .losses import LOSSES
@@ -339,11 +340,6 @@ def load_advantage_cache(advantage_dir: Path, rows: TokenizedRows) -> dict[str, 
             raise RuntimeError(f"{advantage_dir}: cached reference log-probs of '{group}' do not match this tokenization")
     return cache
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def save_policy_atomically(model, tokenizer, path: Path, base_dir: Path) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from ..tasks.base import DataError, read_json
 from .client import read_verdicts
+from ..files import atomic_write_text
 from .pairs import (
     OUTCOMES,
     Pair,
     aggregate,
-    atomic_write,
     combine_orders,
     criterion,
     format_csv,
@@ -52,13 +52,13 @@ def export_forms(pairs: list[Pair], seed: int, systems: dict, out: Path) -> None
     (labels and response fingerprints of a and b) and, per form pair, which side a is on."""
     items, key = anonymise(pairs, seed)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "human_key.json", json.dumps({**systems, "pairs": key}, indent=2))
-    atomic_write(out / "form.html", form_html(items))
+    atomic_write_text(out / "human_key.json", json.dumps({**systems, "pairs": key}, indent=2))
+    atomic_write_text(out / "form.html", form_html(items))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FORM_COLUMNS)
     writer.writeheader()
     writer.writerows({**item, "answer": ""} for item in items)
-    atomic_write(out / "form.csv", buffer.getvalue())
+    atomic_write_text(out / "form.csv", buffer.getvalue())
 
 
 def read_answers(path: Path, pair_ids: set[str]) -> dict[str, str | None]:
@@ -152,8 +152,8 @@ def import_answers(out: Path, answer_files: list[Path], verdicts_path: Path | No
             f"{100 * share:.1f}% of {n} pairs with a majority and a consistent LLM verdict (the paper: 72.1%)"
             if share is not None else "no pair has both a majority and a consistent LLM verdict")]
     text = "\n".join(lines)
-    atomic_write(out / "human_table.md", text + "\n")
-    atomic_write(out / "human_table.csv", format_csv(rows, HUMAN_DROPPED))
+    atomic_write_text(out / "human_table.md", text + "\n")
+    atomic_write_text(out / "human_table.csv", format_csv(rows, HUMAN_DROPPED))
     return text
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 import re
 from collections import defaultdict
@@ -245,13 +244,6 @@ def format_markdown(rows: Iterable[dict], dropped: Sequence[str] = LLM_DROPPED) 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cells(row, dropped, 1)) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a killed run never leaves a half-written table."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def format_csv(rows: Iterable[dict], dropped: Sequence[str] = LLM_DROPPED) -> str:

@@ -15,6 +15,7 @@ from ..progress import progress_disabled
 from ..tasks.base import DataError, read_json
 from .client import JudgeError, VerdictLog, ask, make_client
 from .human import export_forms, import_answers
+from ..files import atomic_write_text
 from .pairs import (
     JUDGE_PROMPT,
     LLM_DROPPED,
@@ -24,7 +25,6 @@ from .pairs import (
     Pair,
     System,
     aggregate,
-    atomic_write,
     combine_orders,
     format_csv,
     format_markdown,
@@ -128,7 +128,7 @@ def check_manifest(path: Path, manifest: dict) -> None:
         if changed:
             raise JudgeError(f"{path.parent} holds verdicts of another judging (different {', '.join(changed)}); "
                              f"give another out= or delete that dir")
-    atomic_write(path, json.dumps(manifest, indent=2))
+    atomic_write_text(path, json.dumps(manifest, indent=2))
 
 
 def run_judge(cfg, out: Path) -> list[dict]:
@@ -136,7 +136,7 @@ def run_judge(cfg, out: Path) -> list[dict]:
     then write the Table 3 layout as table.md / table.csv and print it."""
     a, b, pairs = sampled_pairs(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # names the key's variable, never the key
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # names the key's variable, never the key
     judge = cfg.judge
     check_manifest(out / "judging.json", {
         "a": a.label, "a_responses": fingerprint(a), "b": b.label, "b_responses": fingerprint(b),
@@ -169,9 +169,9 @@ def write_llm_table(cfg, a: System, b: System, pairs: list[Pair], done: dict, ou
     notes = [f"{len(unreadable)} judge answer(s) had no readable verdict (kept in verdicts.jsonl), e.g.:",
              *(f"  pair {r['pair']} order {r['order']}: {r['answer'][:160]!r}" for r in unreadable[:3])]
     text = "\n".join([title, "", format_markdown(rows, LLM_DROPPED), *([""] + notes if unreadable else [])])
-    atomic_write(out / "table.md", text + "\n")
-    atomic_write(out / "table.csv", format_csv(rows, LLM_DROPPED))
-    atomic_write(out / "pairs.jsonl", "".join(
+    atomic_write_text(out / "table.md", text + "\n")
+    atomic_write_text(out / "table.csv", format_csv(rows, LLM_DROPPED))
+    atomic_write_text(out / "pairs.jsonl", "".join(
         json.dumps({"pair": p.id, "segment": p.segment, "outcome": outcomes[p.id],
                     "verdict_ab": done[p.id, "ab"]["verdict"], "verdict_ba": done[p.id, "ba"]["verdict"]}) + "\n"
         for p in pairs))
