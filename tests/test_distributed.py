@@ -94,3 +94,15 @@ def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path
     evaluated = [json.loads((run / "eval.json").read_text()) for run in (one_run, two_run)]
     assert evaluated[1]["policy"]["reward"] == pytest.approx(evaluated[0]["policy"]["reward"], abs=1e-6)
     shutil.rmtree(tmp_path)  # two caches of models
+
+
+def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_stage():
+    from omegaconf import OmegaConf
+
+    from lol_rl.pipeline import PreflightError, check_batches_split
+
+    cfg = OmegaConf.create({"sft": {"batch_size": 64}, "rl": {"batch_size": 30}})
+    check_batches_split(cfg, 2)
+    with pytest.raises(PreflightError, match=r"^rl.batch_size=30 cannot be split evenly over 4 processes; "
+                                             r"use a multiple of 4$"):
+        check_batches_split(cfg, 4)

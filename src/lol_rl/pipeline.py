@@ -84,6 +84,7 @@ def run_train(cfg, run_dir: Path) -> dict:
     train_rows = len(task.splits["train"])
     cfg = resolve_budget(cfg, "sft", train_rows)
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
+    check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if trainer == "offline" else ("sft",))
     cache = StageCache(cfg.cache_dir)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", use_wandb=cfg.logger == "wandb",
                             run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}", tags=[cfg.task.name, cfg.algo.name],
@@ -137,6 +138,15 @@ def resolve_budget(cfg, section: str, rows: int):
     cfg = copy.deepcopy(cfg)
     cfg[section] = resolved
     return cfg
+
+
+def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
+    """Under `world` processes each trains on an equal share of every batch of the
+    data-parallel loops: a batch size that does not divide stops here, not at a stage's first step."""
+    for section in sections:
+        if cfg[section].batch_size % world:
+            raise PreflightError(f"{section}.batch_size={cfg[section].batch_size} cannot be split evenly over "
+                                 f"{world} processes; use a multiple of {world}")
 
 
 def rl_rows(algo_cfg, train_rows: int, advantage: Path | None) -> int:
