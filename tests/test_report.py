@@ -180,3 +180,14 @@ def test_a_run_that_reused_a_cached_rl_stage_has_its_curve_from_the_artifact(tmp
     (artifact / "validation.jsonl").unlink()
     (run_dir / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
     assert validation_curve({"run_dir": run_dir, "stages": {"rl": {"dir": str(artifact)}}}) == {4: 2.5}
+
+
+def test_report_names_a_broken_metrics_line_and_a_run_without_its_config(tmp_path):
+    report_run(tmp_path, 0, "toy", "alol", 1, metrics(2.8), metrics(2.6), validation=[(10, 2.6)])
+    with (tmp_path / "0" / "metrics.jsonl").open("a") as f:
+        f.write('{"stage": "rl/valid\n')  # a line cut short
+    with pytest.raises(ReportError, match=r"0/metrics.jsonl:2: not valid JSON"):
+        write_report(tmp_path, tmp_path / "report")
+    (tmp_path / "0" / "config.yaml").unlink()
+    with pytest.raises(ReportError, match=r"0: has eval.json but no config.yaml"):
+        write_report(tmp_path, tmp_path / "report")

@@ -54,6 +54,18 @@ def _read_json(path: Path):
         raise ReportError(f"{path}: not valid JSON ({err})") from None
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}:{number}: not valid JSON ({err})") from None
+    return records
+
+
 def collect_runs(sweep_dir: Path) -> list[dict]:
     """Every finished run under `sweep_dir`: its algo, task, seed, reference and policy metrics.
     A run is finished once it has both eval.json and stages.json (written last, in that order)."""
@@ -62,6 +74,8 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
         run_dir = eval_path.parent
         if not (run_dir / "stages.json").is_file():
             continue
+        if not (run_dir / "config.yaml").is_file():
+            raise ReportError(f"{run_dir}: has eval.json but no config.yaml (not a lol-rl train run dir?)")
         cfg = OmegaConf.load(run_dir / "config.yaml")
         stages = _read_json(run_dir / "stages.json")
         results = _read_json(eval_path)
@@ -311,8 +325,7 @@ def validation_curve(run: dict) -> dict[int, float]:
     if not path.is_file():
         return {}
     curve = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in _read_jsonl(path):
         if record.get("stage") == "rl/validation" and record.get("reward") is not None:
             curve[int(record["step"])] = float(record["reward"])
     return curve
@@ -386,7 +399,7 @@ def advantage_rows(runs: list[dict]) -> list[dict] | None:
             continue
         found = resolve_stage_dir(run["run_dir"], run["stages"]["advantage"]["dir"])
         if found is not None and (found / "rows.jsonl").is_file():
-            return [json.loads(line) for line in (found / "rows.jsonl").read_text().splitlines() if line.strip()]
+            return _read_jsonl(found / "rows.jsonl")
     return None
 
 
