@@ -14,6 +14,9 @@ Two sources of the same dialogues:
   test.jsonl.gz of `{chosen, rejected}`, each a whole "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue, read with
   `datasets.load_dataset(<hub id or local copy>, data_dir=<subset>)`. It has no validation split: a
   seeded sample of train rows is held out.
+- `source: small`: a small seeded subset of those train files kept in the repository
+  (data/hh-rlhf-small, made by scripts/make_hh_subset.py), in the same row format, one folder per
+  subset with train/validation/test.jsonl.gz read as they are: a real-data task for CPU runs and tests.
 
 Each pair becomes one Example: the prompt is the history in the LLaMA chat format of the authors' code
 ("### Human: ... ### Assistant: ... ### Assistant:"; the system line is the task's prompt_template),
@@ -24,12 +27,16 @@ Each pair becomes one Example: the prompt is the history in the LLaMA chat forma
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import math
 import random
 import re
 from pathlib import Path
 from typing import Any
+
+import lol_rl
 
 from .base import DataError, Example, json_lines, read_json, require, subsample
 
@@ -74,13 +81,11 @@ def load_hha(cfg) -> dict[str, list[Example]]:
     """train / validation / test (the four segments, in SEGMENTS order) from `cfg.source`. Train
     rows with an empty response or one ending in ":" (cut off mid-turn) are dropped, as the
     authors' data_cleaning.py does; `sizes` caps each split (test: each segment)."""
-    if cfg.source == "pro":
-        train, validation, test = _pro_splits(cfg)
-    elif cfg.source == "hub":
-        train, validation, test = _hub_splits(cfg)
-    else:
-        raise DataError(f"task.source must be 'pro' or 'hub', got {cfg.source!r}")
-    cleaned = [e for e in train if all(r.strip() and not r.endswith(":") for r in e.ranking)]
+    splits_of = {"pro": _pro_splits, "hub": _hub_splits, "small": _small_splits}
+    if cfg.source not in splits_of:
+        raise DataError(f"task.source must be 'pro', 'hub' or 'small', got {cfg.source!r}")
+    train, validation, test = splits_of[cfg.source](cfg)
+    cleaned = [e for e in train if all(complete_response(r) for r in e.ranking)]
     log.info("hha: %d of %d train pairs dropped (an empty response or one ending in ':')",
              len(train) - len(cleaned), len(train))
     train = cleaned
@@ -89,6 +94,11 @@ def load_hha(cfg) -> dict[str, list[Example]]:
         "validation": subsample(validation, cfg.sizes.validation, cfg.seed),
         "test": [e for segment in SEGMENTS.values() for e in subsample(test[segment], cfg.sizes.test, cfg.seed)],
     }
+
+
+def complete_response(response: str) -> bool:
+    """Neither empty nor cut off mid-turn (ending in ":"), the authors' train cleaning."""
+    return bool(response.strip()) and not response.endswith(":")
 
 
 def _example(id_: str, turns: list[tuple[str, str]], responses: list[str], meta: dict, rewards=None) -> Example:
@@ -171,8 +181,9 @@ def _hub_splits(cfg):
     train, test = [], {}
     for subset, segment in SEGMENTS.items():
         data = _hub_subset(cfg.hub_dataset, subset, cfg.hub_cache_dir)
-        train += _hub_rows(data["train"], cfg.hub_dataset, subset, "train")
-        test[segment] = _hub_rows(data["test"], cfg.hub_dataset, subset, "test")
+        where = f"{cfg.hub_dataset}/{subset}"
+        train += _hub_rows(_numbered(data["train"], f"{where}/train"), subset, "train")
+        test[segment] = _hub_rows(_numbered(data["test"], f"{where}/test"), subset, "test")
     held_out = set(random.Random(cfg.seed).sample(range(len(train)), min(cfg.hub_validation, len(train))))
     validation = [e for i, e in enumerate(train) if i in held_out]
     return [e for i, e in enumerate(train) if i not in held_out], validation, test
@@ -192,22 +203,34 @@ def _hub_subset(dataset: str, subset: str, cache_dir: str | None):
     return data
 
 
-def _hub_rows(rows, dataset: str, subset: str, split: str) -> list[Example]:
-    """The pairs of one subset's split that are two endings of one history (else they are no
-    preference over one prompt)."""
+def _numbered(rows, where: str) -> list[tuple[str, Any]]:
+    return [(f"{where} row {i}", raw) for i, raw in enumerate(rows)]
+
+
+def _hub_rows(rows: list[tuple[str, Any]], subset: str, split: str) -> list[Example]:
+    """The pairs of one subset's split, given as (where, row) for messages, that are two endings
+    of one history (else they are no preference over one prompt)."""
     segment, examples = SEGMENTS[subset], []
-    for i, raw in enumerate(rows):
-        source = f"{subset}/{split} row {i}"
-        chosen = _hub_turns(require(raw, "chosen", str, f"{dataset}/{source}"))
-        rejected = _hub_turns(require(raw, "rejected", str, f"{dataset}/{source}"))
-        if chosen is not None and rejected is not None and chosen[:-1] == rejected[:-1]:
-            history = chosen[:-1] + [("Assistant", "")]
-            examples.append(_example(f"{segment}-{split}-{i}", history, [chosen[-1][1], rejected[-1][1]],
-                                     {"segment": segment, "source": source}))
+    for i, (where, raw) in enumerate(rows):
+        pair = hub_pair(require(raw, "chosen", str, where), require(raw, "rejected", str, where))
+        if pair is not None:
+            history, chosen, rejected = pair
+            examples.append(_example(f"{segment}-{split}-{i}", history, [chosen, rejected],
+                                     {"segment": segment, "source": f"{subset}/{split} row {i}"}))
     if len(examples) < len(rows):
         log.info("hha: %s/%s: %d of %d pairs skipped (not two endings of one dialogue)",
                  subset, split, len(rows) - len(examples), len(rows))
     return examples
+
+
+def hub_pair(chosen: str, rejected: str) -> tuple[list[tuple[str, str]], str, str] | None:
+    """A published row's two dialogues -> (the history, ending in the empty assistant turn the
+    response completes, the chosen turn, the rejected turn); None unless both parse and share
+    their history."""
+    chosen_turns, rejected_turns = _hub_turns(chosen), _hub_turns(rejected)
+    if chosen_turns is None or rejected_turns is None or chosen_turns[:-1] != rejected_turns[:-1]:
+        return None
+    return chosen_turns[:-1] + [("Assistant", "")], chosen_turns[-1][1], rejected_turns[-1][1]
 
 
 def _hub_turns(dialogue: str) -> list[tuple[str, str]] | None:
@@ -218,6 +241,52 @@ def _hub_turns(dialogue: str) -> list[tuple[str, str]] | None:
     if parts[0].strip() or len(turns) < 2 or turns[0][0] != "Human" or turns[-1][0] != "Assistant":
         return None
     return turns
+
+
+# --- the repository's small subset of those train files (scripts/make_hh_subset.py) --------------
+
+
+def _small_splits(cfg):
+    folder = repo_path(cfg.small_dir)
+    if not folder.is_dir():
+        raise DataError(f"task.small_dir={cfg.small_dir}: no such folder (looked from the cwd and the "
+                        f"repository root, {folder}); scripts/make_hh_subset.py makes it")
+    train = [e for subset in SEGMENTS for e in _small_rows(folder, subset, "train")]
+    validation = [e for subset in SEGMENTS for e in _small_rows(folder, subset, "validation")]
+    test = {segment: _small_rows(folder, subset, "test") for subset, segment in SEGMENTS.items()}
+    return train, validation, test
+
+
+def _small_rows(folder: Path, subset: str, split: str) -> list[Example]:
+    return _hub_rows(gz_json_lines(folder / subset / f"{split}.jsonl.gz"), subset, split)
+
+
+def repo_path(path) -> Path:
+    """`path` itself when it exists (or is absolute), else the same path under the repository root of
+    this (editable) install: the repo's data is found whatever the cwd."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    return Path(lol_rl.__file__).resolve().parents[2] / path
+
+
+def gz_json_lines(path: Path) -> list[tuple[str, Any]]:
+    """('file:line', decoded object) for each non-blank line of a gzipped JSON-lines file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    except (OSError, EOFError) as err:  # not gzip (a Git LFS pointer, say) or cut short
+        raise DataError(f"{path}: not a readable gzip file ({err})") from None
+    numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
+    return [(where, _json_line(line, where)) for where, line in numbered]
+
+
+def _json_line(line: bytes, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{where}: not valid JSON ({err})") from None
 
 
 def _is_number(value: Any) -> bool:
