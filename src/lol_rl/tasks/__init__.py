@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..rewards import CompositeReward, build_reward
 from .base import FIT_TEXTS, DataError, Example, read_jsonl
 from .commonsense import load_commonsense
-from .hha import load_hha
+from .hha import load_hha, parse_dialogue
 from .reddit import load_reddit
 from .toy import load_toy
 from .wow import load_wow
 
 SPLITS = ("train", "validation", "test")
+
+# a conversational task's yaml `dialogue:` -> its parser, prompt -> [(role, text), ...], the last
+# turn the empty assistant turn the response completes
+DIALOGUES = {"hha": parse_dialogue}
+CHAT_ROLES = {"Human": "user", "Assistant": "assistant"}  # the parsers' roles -> chat-template roles
+_PROMPT_MARK = "\0prompt\0"
 
 
 @dataclass
@@ -30,6 +37,8 @@ class Task:
     prompt_template: str
     eval_reward: CompositeReward | None = None  # the test reward when it differs (HHA: a larger reward model)
     response_prefix: str = " "  # between the formatted prompt and the response ("" after DialoGPT's EOS)
+    dialogue: Callable[[str], list[tuple[str, str]]] | None = None  # conversational: prompt -> turns (DIALOGUES)
+    chat_renderer: Callable[[list[dict]], str] | None = None  # messages -> text: set by use_chat_template
 
     @property
     def test_reward(self) -> CompositeReward | None:
@@ -45,7 +54,34 @@ class Task:
         return digest.hexdigest()[:16]
 
     def format_prompt(self, prompt: str) -> str:
+        """The one formatting of a prompt (sft, value, rl, eval): the model's chat template over
+        its messages once `use_chat_template` set one, else the task's prompt_template."""
+        if self.chat_renderer is not None:
+            return self.chat_renderer(self.chat_messages(prompt))
         return self.prompt_template.format(prompt=prompt)
+
+    def use_chat_template(self, renderer: Callable[[list[dict]], str] | None) -> bool:
+        """Render every prompt with a chat template (`models.chat_renderer`); only a
+        conversational task takes one (others, the embedded task among them, keep their
+        prompt_template byte for byte). The template ends with the assistant header, so nothing
+        goes between it and the response. Returns whether the template is now in use."""
+        if renderer is None or self.dialogue is None:
+            return False
+        self.chat_renderer = renderer
+        self.response_prefix = ""
+        return True
+
+    def chat_messages(self, prompt: str) -> list[dict]:
+        """A conversational prompt as chat messages: the prompt_template's text before {prompt}
+        is the system message, then every turn but the empty last assistant one (the generation
+        prompt stands for it)."""
+        turns = self.dialogue(prompt)
+        if not turns or turns[-1] != ("Assistant", ""):
+            raise DataError(f"task {self.name}: a prompt must end with the empty assistant turn the response "
+                            f"completes: {prompt[-80:]!r}")
+        system = self.prompt_template.format(prompt=_PROMPT_MARK).split(_PROMPT_MARK)[0].strip()
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [{"role": CHAT_ROLES.get(role, role), "content": text} for role, text in turns[:-1]]
 
     def provides(self) -> set[str]:
         train = self.splits["train"]
@@ -136,6 +172,7 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     if loader is None:
         raise DataError(f"unknown task loader {cfg.loader!r}; valid: {sorted(LOADERS)}")
     _check_template(cfg.name, cfg.prompt_template)
+    dialogue = _dialogue_parser(cfg)
     splits = loader(cfg)
     fit_texts = splits.pop(FIT_TEXTS, None)
     splits = _check_splits(cfg.name, splits)
@@ -143,13 +180,23 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     specs = reward_override or cfg.get("rewards")
     if not specs:  # the user's rows carry rewards and no scorer is named: use the data's rewards
         _check_data_rewards(cfg.name, splits)
-        return Task(cfg.name, splits, None, cfg.prompt_template, response_prefix=cfg.get("response_prefix", " "))
+        return Task(cfg.name, splits, None, cfg.prompt_template, response_prefix=cfg.get("response_prefix", " "),
+                    dialogue=dialogue)
     reward = build_reward(specs, device=device, fit_texts=fit_texts)
     eval_specs = cfg.get("eval_rewards")
     eval_reward = None
     if eval_specs and not reward_override:
         eval_reward = build_reward(eval_specs, device=device, fit_texts=fit_texts)
-    return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward, cfg.get("response_prefix", " "))
+    return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward, cfg.get("response_prefix", " "),
+                dialogue=dialogue)
+
+
+def _dialogue_parser(cfg):
+    """`dialogue:` in a task's yaml names the parser of a conversational task's prompts."""
+    name = cfg.get("dialogue")
+    if name is not None and name not in DIALOGUES:
+        raise DataError(f"task {cfg.name}: unknown dialogue {name!r}; valid: {sorted(DIALOGUES)}")
+    return DIALOGUES.get(name)
 
 
 __all__ = ["Task", "Example", "DataError", "build_task", "data_reward", "LOADERS", "SPLITS"]
