@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl.stages.reference import reference_logprobs, train_rewards
+from lol_rl.algorithms import algorithm
 from lol_rl.cli import CONF_DIR
 from lol_rl.data import encode_rows
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy
 from lol_rl.tasks import build_task
-from lol_rl.train import BatchSource, loss_on_batch
+from lol_rl.offline import BatchSource, loss_on_batch
 
 ALGOS = ["nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free", "pro"]
 TARGETS = {**{a: 1.05 for a in ["wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl"]},
@@ -70,8 +71,8 @@ def main() -> None:
 
     setups = {}
     for name in ALGOS:
-        algo = algo_config(name, args.overrides).algo
-        groups = rows.expand(algo.responses)
+        algo = algorithm(algo_config(name, args.overrides).algo)
+        groups = rows.expand(algo.groups)
         # the same rows every step: a shuffled pass over exactly one batch
         source = BatchSource(rows, row_tensors, {g: ragged[g] for g in groups}, fixed_rows, None, len(fixed_rows),
                              seed=0, groups=groups, shuffle=True)

@@ -35,8 +35,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from lol_rl import train as train_loop
-from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl import offline as train_loop
+from lol_rl.stages.reference import reference_logprobs, train_rewards
 from lol_rl.cli import CONF_DIR
 from lol_rl.data import encode_rows
 from lol_rl.logprobs import response_logprobs, to_device

@@ -61,13 +61,15 @@ from transformers import get_scheduler
 
 from bench_step_cost import algo_config  # scripts/ is on sys.path when this runs as a script
 from bench_tricks import peak_memory, reset_peak_memory
-from lol_rl.advantage import reference_logprobs, train_rewards
+from lol_rl.stages.reference import reference_logprobs, train_rewards
+from lol_rl.algorithms import algorithm
 from lol_rl.data import encode_rows
 from lol_rl.logprobs import to_device
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy, load_policy, make_optimizer, save_reference
 from lol_rl.tasks import build_task
-from lol_rl.train import BatchSource, NonFiniteError, loss_on_batch
+from lol_rl.loop import NonFiniteError
+from lol_rl.offline import BatchSource, loss_on_batch
 
 CPU = torch.device("cpu")
 DPO_ROWS = {
@@ -134,11 +136,12 @@ def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmu
     started = time.perf_counter()
     rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     tokenize_s = time.perf_counter() - started
-    groups = rows.expand(cfg.algo.responses)
+    algo = algorithm(cfg.algo)
+    groups = rows.expand(algo.groups)
     started = time.perf_counter()
     model.eval()
     ragged = {g: reference_logprobs(model, rows, cfg.advantage.batch_size, CPU, g) for g in groups} \
-        if "reference" in cfg.algo.needs else {}
+        if algo.reads_reference else {}
     reference_s = time.perf_counter() - started if ragged else 0.0
     row_tensors = {"advantages": rewards - rewards.mean()}  # V(x) = the mean: the values do not change the cost
     # shuffled passes over every row for each algorithm, so nll and alol see the same batches

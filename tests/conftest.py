@@ -40,3 +40,14 @@ def make_tiny_gpt2(seed: int = 0, vocab_size: int = 50):
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     return make_tiny_gpt2()
+
+
+def replace_stage_runs(monkeypatch, runs: dict):
+    """Swap the run functions of the named pipeline stages (stage name -> fn(StageRun)); the
+    declarations, and so the cache keys, stay as they are."""
+    import dataclasses
+
+    import lol_rl.pipeline as pipeline
+
+    for name, run in runs.items():
+        monkeypatch.setitem(pipeline.BY_NAME, name, dataclasses.replace(pipeline.BY_NAME[name], run=run))

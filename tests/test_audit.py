@@ -50,7 +50,7 @@ def test_audit_prints_lowest_rows_and_train_reuses_its_artifacts(tmp_path):
     train = lol_rl("train", *TINY, f"hydra.run.dir={tmp_path / 'train'}", cache=cache)
     assert train.returncode == 0, train.stdout[-5000:]
     stages = json.loads((tmp_path / "train" / "stages.json").read_text())
-    assert all(stages[s]["cached"] for s in ("sft", "value", "advantage")), stages
+    assert all(stages[s]["cached"] for s in ("sft", "reference", "value", "advantage")), stages
     assert stages["advantage"]["dir"] == report["advantage_dir"]
 
 

@@ -23,9 +23,11 @@ import lol_rl.pipeline as pipeline
 from lol_rl.cache import CacheError
 from lol_rl.cli import CONF_DIR
 from lol_rl.models import ModelError
-from lol_rl.pipeline import PreflightError, run_train
+from lol_rl.errors import ConfigError
+from lol_rl.pipeline import run_train
 from lol_rl.rewards import CompositeReward, RewardError
 from lol_rl.tasks import DataError
+from conftest import replace_stage_runs
 from test_cli import lol_rl
 
 ROWS = {
@@ -150,32 +152,59 @@ CASES = [
          error=RewardError),
     # ---- what the algorithm needs, and its parameters
     Case("dpo-without-pairs", "lol-rl: dpo needs preference pairs; task jsonl has none",
-         overrides=("algo=dpo", "task.rewards=[polite]"), error=PreflightError),
+         overrides=("algo=dpo", "task.rewards=[polite]"), error=ConfigError),
     Case("dpo-ref-free-without-pairs", "lol-rl: dpo_ref_free needs preference pairs; task jsonl has none",
-         overrides=("algo=dpo_ref_free", "task.rewards=[polite]"), error=PreflightError),
+         overrides=("algo=dpo_ref_free", "task.rewards=[polite]"), error=ConfigError),
     Case("pro-without-rankings", "lol-rl: pro needs rankings of the same length; task jsonl has none",
-         overrides=("algo=pro", "task.rewards=[polite]"), error=PreflightError),
+         overrides=("algo=pro", "task.rewards=[polite]"), error=ConfigError),
     Case("ppo-without-a-scorer", "lol-rl: ppo needs a reward scorer for new responses (reward components, not only "
-         "the data's rewards); task jsonl has none", overrides=("algo=ppo",), error=PreflightError),
+         "the data's rewards); task jsonl has none", overrides=("algo=ppo",), error=ConfigError),
     Case("alol-eps-zero", f"lol-rl: algo alol: params.eps must be in (0, 1], got 0 ({CLIP_ZERO})",
-         overrides=("algo.params.eps=0",), error=PreflightError),
+         overrides=("algo.params.eps=0",), error=ConfigError),
     Case("alol-seq-eps-negative", f"lol-rl: algo alol_seq: params.eps must be in (0, 1], got -0.1 ({CLIP_ZERO})",
-         overrides=("algo=alol_seq", "algo.params.eps=-0.1"), error=PreflightError),
+         overrides=("algo=alol_seq", "algo.params.eps=-0.1"), error=ConfigError),
     Case("rlol-eps-above-one", "lol-rl: algo rlol: params.eps must be in (0, 1], got 1.5 (the lower clip 1 - eps "
-         "would be negative)", overrides=("algo=rlol", "algo.params.eps=1.5"), error=PreflightError),
-    Case("ppo-clip-zero", f"lol-rl: algo ppo: params.clip must be in (0, 1], got 0.0 ({CLIP_ZERO})",
-         overrides=("algo=ppo", "algo.params.clip=0.0", "task.rewards=[polite]"), error=PreflightError),
-    Case("ppo-value-clip-negative", f"lol-rl: algo ppo: params.value_clip must be > 0, got -1 ({CLIP_ZERO})",
-         overrides=("algo=ppo", "algo.params.value_clip=-1", "task.rewards=[polite]"), error=PreflightError),
+         "would be negative)", overrides=("algo=rlol", "algo.params.eps=1.5"), error=ConfigError),
+    Case("ppo-clip-zero", "lol-rl: algo.params.clip=0.0 is out of range; expected 0 < algo.params.clip <= 1",
+         overrides=("algo=ppo", "algo.params.clip=0.0", "task.rewards=[polite]"), error=ConfigError),
+    Case("ppo-value-clip-negative", "lol-rl: algo.params.value_clip=-1.0 is out of range; expected 0 < algo.params.value_clip",
+         overrides=("algo=ppo", "algo.params.value_clip=-1", "task.rewards=[polite]"), error=ConfigError),
     Case("eps-not-a-number", "lol-rl: algo alol: params.eps must be in (0, 1], got 'wide' (not a number)",
-         overrides=("algo.params.eps=wide",), error=PreflightError),
+         overrides=("algo.params.eps=wide",), error=ConfigError),
     Case("param-typo", "lol-rl: algo alol: unknown params ['epz']; loss alol takes ['eps']",
-         overrides=("~algo.params.eps", "+algo.params.epz=0.5"), error=PreflightError),
+         overrides=("~algo.params.eps", "+algo.params.epz=0.5"), error=ConfigError),
     Case("param-missing", "lol-rl: algo dpo: missing params ['beta']; loss dpo takes ['beta']",
-         overrides=("algo=dpo", "~algo.params.beta"), error=PreflightError),
+         overrides=("algo=dpo", "~algo.params.beta"), error=ConfigError),
     Case("unknown-loss", "lol-rl: algo alol: unknown loss 'alol2'; valid: ['alol', 'alol_kl', 'alol_ref_free', "
          "'alol_seq', 'dpo', 'dpo_ref_free', 'gold', 'nll', 'pro', 'rlol', 'wbc']",
-         overrides=("algo.loss=alol2",), error=PreflightError),
+         overrides=("algo.loss=alol2",), error=ConfigError),
+    # ---- a config value out of its range, or not one of its choices: stops before the data is read
+    *(Case(f"config-{key}", f"lol-rl: {key}={shown} is {why}", overrides=(f"{key}={value}",), error=ConfigError)
+      for key, value, shown, why in [
+          ("sft.steps", "-5", "-5", "out of range; expected 0 <= sft.steps"),
+          ("sft.batch_size", "0", "0", "out of range; expected 1 <= sft.batch_size"),
+          ("rl.batch_size", "-4", "-4", "out of range; expected 1 <= rl.batch_size"),
+          ("rl.lr", "-1", "-1.0", "out of range; expected 0 < rl.lr"),
+          ("rl.val_interval", "0", "0", "out of range; expected 1 <= rl.val_interval"),
+          ("value.heldout_fraction", "1.0", "1.0", "out of range; expected 0 < value.heldout_fraction < 1"),
+          ("value.samples_per_prompt", "0", "0", "out of range; expected 1 <= value.samples_per_prompt"),
+          ("generation.max_new_tokens", "0", "0", "out of range; expected 1 <= generation.max_new_tokens"),
+          ("value.temperature", "0", "0.0", "out of range; expected 0 < value.temperature"),
+          ("eval.test_prompts", "-1", "-1", "out of range; expected 1 <= eval.test_prompts"),
+          ("sft.schedule", "foo", "'foo'", "not allowed; expected one of ['linear', 'cosine', 'cosine_with_restarts', "
+           "'polynomial', 'constant', 'constant_with_warmup', 'inverse_sqrt', 'reduce_lr_on_plateau', "
+           "'cosine_with_min_lr', 'cosine_warmup_with_min_lr', 'warmup_stable_decay', 'greedy']"),
+          ("logger", "foo", "'foo'", "not allowed; expected one of ['jsonl', 'wandb']"),
+          ("device", "tpu", "'tpu'", "not allowed; expected auto, cpu, cuda or cuda:<index>"),
+          ("algo.sampling", "advantge", "'advantge'", "not allowed; expected one of ['uniform', 'shuffle', 'advantage', "
+           "'reward']"),
+          ("algo.keep", "positive", "'positive'", "not allowed; expected one of ['all', 'positive_advantage']"),
+          ("model.max_prompt_tokens", "0", "0", "out of range; expected 1 <= model.max_prompt_tokens"),
+      ]),
+    Case("config-unknown-model-key", "lol-rl: model.lora_r: Key 'lora_r' not in 'FromConfigModel'",
+         overrides=("+model.lora_r=8",), error=ConfigError),
+    Case("config-value-heads", "lol-rl: value.heads=3 must divide model.n_embd=128", overrides=("value.heads=3",),
+         error=ConfigError),
     # ---- the cache dir
     Case("cache-dir-is-a-file", f"lol-rl: cache_dir {{tmp}}/cache is a file, not a directory; {WRITABLE}",
          lambda tmp: (tmp / "cache").write_text("not a dir"), error=CacheError),
@@ -193,10 +222,7 @@ def _tripwire(*args, **kwargs):
 @pytest.fixture
 def no_stages(monkeypatch):
     """Any stage that starts fails the test: every case must stop before the work."""
-    for name in ("run_sft", "run_value", "run_advantage", "run_eval"):
-        monkeypatch.setattr(pipeline, name, _tripwire)
-    for trainer in list(pipeline.TRAINERS):
-        monkeypatch.setitem(pipeline.TRAINERS, trainer, _tripwire)
+    replace_stage_runs(monkeypatch, {name: _tripwire for name in pipeline.BY_NAME})
 
 
 def config(tmp: Path, *overrides: str):
@@ -283,10 +309,7 @@ def _stop(*args, **kwargs):
 @pytest.fixture
 def sft_only(monkeypatch):
     """The real sft stage; any later stage stops the run."""
-    for name in ("run_value", "run_advantage", "run_eval"):
-        monkeypatch.setattr(pipeline, name, _stop)
-    for trainer in list(pipeline.TRAINERS):
-        monkeypatch.setitem(pipeline.TRAINERS, trainer, _stop)
+    replace_stage_runs(monkeypatch, {name: _stop for name in pipeline.BY_NAME if name != "sft"})
 
 
 SMALL_MODEL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "sft.batch_size=4", "sft.log_interval=1",
@@ -325,8 +348,8 @@ def test_prompts_longer_than_configured_are_left_truncated_and_counted(tmp_path,
     assert (summary["truncated_prompts"], summary["truncated_responses"]) == (2, 1)
 
 
-def _stub_sft(cfg, task, out, metrics, device):
-    (out / "policy.bin").write_bytes(bytes(64))
+def _stub_sft(stage):
+    (stage.out / "policy.bin").write_bytes(bytes(64))
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -336,15 +359,13 @@ def _stub_sft(cfg, task, out, metrics, device):
 ], ids=["file-missing", "file-truncated", "no-manifest"])
 def test_a_damaged_cache_artifact_is_refused_naming_its_dir(damage, expected, tmp_path, monkeypatch):
     write_splits(tmp_path)
-    monkeypatch.setattr(pipeline, "run_sft", _stub_sft)
-    for name in ("run_value", "run_advantage", "run_eval"):
-        monkeypatch.setattr(pipeline, name, _stop)
+    replace_stage_runs(monkeypatch, {name: _stop for name in pipeline.BY_NAME} | {"sft": _stub_sft})
     (tmp_path / "run").mkdir()
     with pytest.raises(StopAfterSft):  # builds the (stub) sft artifact, then stops
         run_train(config(tmp_path), tmp_path / "run")
     [sft_dir] = (tmp_path / "cache" / "sft").iterdir()
     damage(sft_dir)
-    monkeypatch.setattr(pipeline, "run_sft", _tripwire)  # it must not be silently rebuilt or reused either
+    replace_stage_runs(monkeypatch, {"sft": _tripwire})  # it must not be silently rebuilt or reused either
     assert failure_line(tmp_path, CacheError) == f"lol-rl: cache artifact {sft_dir} {expected}"
 
 
@@ -398,3 +419,10 @@ def test_the_command_prints_the_error_not_a_traceback(overrides, code, lines, tm
         assert line.replace("{tmp}", str(tmp_path)) in output, proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_config_value_out_of_range_is_one_line_from_the_command(tmp_path):
+    proc = lol_rl("train", "sft.steps=-5", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines()[-1] == "lol-rl: sft.steps=-5 is out of range; expected 0 <= sft.steps"
+    assert "Traceback" not in proc.stdout and not (tmp_path / "cache").exists()

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import replace_stage_runs
 from lol_rl.cache import StageCache, config_key
+from lol_rl.errors import ConfigError
 from lol_rl.cli import CONF_DIR  # importing the cli registers the config schema: the file runs on its own
 
 
@@ -136,38 +138,42 @@ def test_failed_build_leaves_nothing_and_keeps_other_artifacts(tmp_path, error):
 @pytest.fixture
 def stub_pipeline(monkeypatch):
     import lol_rl.pipeline as pipeline
+    from lol_rl import artifacts
 
     calls: list[str] = []
 
-    def run_sft(cfg, task, out, metrics, device):
+    def sft(stage):
         calls.append("sft")
-        (out / "config_seen.json").write_text(json.dumps({"steps": cfg.sft.steps}))
+        (stage.out / "config_seen.json").write_text(json.dumps({"steps": stage.cfg.sft.steps}))
 
-    def run_value(cfg, task, sft, out, metrics, device):
+    def value(stage):
         calls.append("value")
-        assert sft.is_dir()
+        assert stage.inputs["sft"].is_dir()
 
-    def run_advantage(cfg, task, sft, value, out, metrics, device):
+    def reference(stage):
+        calls.append("reference")
+        assert stage.inputs["sft"].is_dir()
+
+    def advantage(stage):
         calls.append("advantage")
-        assert sft.is_dir() and value.is_dir()
-        (out / "audit.json").write_text(json.dumps({"rows": 30, "kept": 20}))
+        assert set(stage.inputs) == {"sft", "value", "reference"}
+        (stage.out / artifacts.ADVANTAGE_AUDIT).write_text(json.dumps({"rows": 30, "kept": 20}))
 
-    def run_rl(cfg, task, sft, advantage, out, metrics, device):
+    def rl(stage):
         calls.append("rl")
-        assert (advantage is None) == (cfg.algo.name == "nll")
-        (out / "policy").mkdir()
-        (out / "config_seen.json").write_text(json.dumps({"steps": cfg.rl.steps, "val_interval": cfg.rl.val_interval}))
+        assert ("advantage" in stage.inputs) == (stage.cfg.algo.keep == "positive_advantage")
+        (stage.out / artifacts.POLICY).mkdir()
+        (stage.out / "config_seen.json").write_text(json.dumps({"steps": stage.cfg.rl.steps,
+                                                                "val_interval": stage.cfg.rl.val_interval}))
 
-    def run_eval(cfg, task, policy_dir, out, device):
+    def evaluate(stage):
         calls.append("eval")
-        assert policy_dir.is_dir()
-        (out / "metrics.json").write_text(json.dumps(
+        assert all(path.is_dir() for path in stage.inputs.values())
+        (stage.out / artifacts.EVAL_METRICS).write_text(json.dumps(
             {"reward": 1.0, "rewards": {"a": 1.0}, "length": 2.0, "distinct": [1.0, 1.0, 1.0], "n": 3}))
 
-    for name, fn in [("run_sft", run_sft), ("run_value", run_value), ("run_advantage", run_advantage),
-                     ("run_rl", run_rl), ("run_eval", run_eval)]:
-        monkeypatch.setattr(pipeline, name, fn)
-    monkeypatch.setitem(pipeline.TRAINERS, "offline", run_rl)  # the registry holds the function itself
+    replace_stage_runs(monkeypatch, {"sft": sft, "value": value, "reference": reference, "advantage": advantage,
+                                     "rl": rl, "eval_ref": evaluate, "eval": evaluate})
     return pipeline, calls
 
 
@@ -187,8 +193,8 @@ def _run(pipeline, tmp_path, name, overrides):
 def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     pipeline, calls = stub_pipeline
     base = _run(pipeline, tmp_path, "base", [])
-    assert calls == ["sft", "value", "advantage", "rl", "eval", "eval"]
-    assert list(base) == ["sft", "value", "advantage", "rl", "eval_ref", "eval"]
+    assert calls == ["sft", "reference", "value", "advantage", "rl", "eval", "eval"]
+    assert list(base) == ["sft", "reference", "value", "advantage", "rl", "eval_ref", "eval"]
     assert not any(cached for _, cached in base.values())
     assert json.loads((tmp_path / "base" / "eval.json").read_text())["policy"]["n"] == 3
 
@@ -210,7 +216,8 @@ def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     rerun("eval", ["eval.test_prompts=5"], rebuilt={"eval_ref", "eval"})
     rerun("value", ["value.epochs=3"], rebuilt={"value", "advantage", "rl", "eval"})
     assert calls == ["value", "advantage", "rl", "eval"]
-    rerun("adv_batch", ["advantage.batch_size=7"], rebuilt=set())
+    rerun("adv_batch", ["advantage.batch_size=7"], rebuilt=set())  # a runtime key: the same tensors
+    rerun("task_reward", ["task.rewards=[correct]"], rebuilt=set(base) - {"sft"})  # pi_ref never scores
     rerun("sft", ["sft.steps=5"], rebuilt=set(base))
     rerun("kept", ["algo=nll_kept"], rebuilt={"rl", "eval"})
 
@@ -220,6 +227,11 @@ def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     assert nll["sft"] == (base["sft"][0], True) and nll["eval_ref"] == (base["eval_ref"][0], True)
     assert nll["rl"][0] != base["rl"][0]
     assert calls == ["rl", "eval"]
+
+    calls.clear()
+    wbc = _run(pipeline, tmp_path, "wbc", ["algo=wbc"])
+    assert list(wbc) == ["sft", "reference", "rl", "eval_ref", "eval"]  # rewards, no value head: wBC reads no V(x)
+    assert wbc["reference"] == (base["reference"][0], True)
 
 
 @pytest.mark.parametrize("algo,rows", [("alol", 20), ("nll", 30), ("wbc", 30)])
@@ -236,7 +248,7 @@ def test_epoch_budgets_count_the_rows_each_loop_trains_on(stub_pipeline, tmp_pat
 
 def test_a_bad_epoch_budget_stops_before_any_stage(stub_pipeline, tmp_path):
     pipeline, calls = stub_pipeline
-    with pytest.raises(pipeline.PreflightError, match="rl: validations_per_epoch needs epochs"):
+    with pytest.raises(ConfigError, match="rl: validations_per_epoch needs epochs"):
         _run(pipeline, tmp_path, "run", ["rl.validations_per_epoch=2"])
     assert calls == []
 
@@ -257,3 +269,89 @@ def test_a_partial_build_is_resumed_unless_its_owner_lives_on_this_host(tmp_path
         assert (partial / "owner.pid").read_text() == f"{socket.gethostname()}:{os.getpid()}"
     finally:
         sleeper.kill()
+
+
+# ---------------------------------------------------------------- keys from the declarations
+
+def _leaves(tree: dict, prefix: str = ""):
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{path}.")
+        else:
+            yield path, value
+
+
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _others(value) -> list:
+    """Different values of the same kind (for None, one per kind of optional field)."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, (int, float)):
+        return [value * 2 + 1]
+    if isinstance(value, str):
+        return [value + "x"]
+    if isinstance(value, list):
+        return [[*value, "x"]]
+    return [3, LORA]
+
+
+def _changed(cfg, path: str, value):
+    from omegaconf.errors import ValidationError
+
+    for other in _others(value):
+        for name in reversed(path.split(".")):
+            other = {name: other}
+        try:
+            return OmegaConf.merge(cfg, other)
+        except ValidationError:
+            continue
+    raise AssertionError(f"no other value fits {path}")
+
+
+def _under(path: str, prefixes) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("overrides", [[], ["task=jsonl", "task.train=a", "task.validation=b", "task.test=c",
+                                            "model=gpt2", "algo=ppo"]], ids=["toy-tiny-alol", "jsonl-gpt2-ppo"])
+def test_a_stage_key_moves_with_exactly_the_config_it_declares(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from lol_rl.config import validate
+    from lol_rl.pipeline import STAGES, key_parts
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = validate(compose("config", overrides=overrides))
+    leaves = list(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+    assert len(leaves) > 60
+    for stage in STAGES:
+        key = config_key(stage.folder, key_parts(stage, cfg, "data", {}))
+        for path, value in leaves:
+            changed = _changed(cfg, path, value)
+            moved = config_key(stage.folder, key_parts(stage, changed, "data", {})) != key
+            declared = _under(path, stage.reads) and not _under(path, stage.ignores)
+            assert moved == declared, f"stage {stage.name}: changing {path} {'moved' if moved else 'kept'} its key"
+        assert config_key(stage.folder, key_parts(stage, cfg, "other data", {})) != key
+        assert config_key(stage.folder, key_parts(stage, cfg, "data", {"sft": "another"})) != key
+
+
+def test_a_stage_sees_only_the_config_it_declares():
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import ConfigAttributeError
+
+    from lol_rl.config import validate
+    from lol_rl.pipeline import BY_NAME, stage_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = validate(compose("config"))
+    view = stage_config(BY_NAME["value"], cfg)
+    assert view.value.epochs == cfg.value.epochs and view.advantage.batch_size == cfg.advantage.batch_size
+    with pytest.raises(ConfigAttributeError):
+        view.rl  # noqa: B018 (an undeclared section)
+    with pytest.raises(ConfigAttributeError):
+        view.advantage.other  # noqa: B018
+    sft_view = stage_config(BY_NAME["sft"], cfg)
+    assert "rewards" not in sft_view.task and sft_view.sft.checkpoint_interval == cfg.sft.checkpoint_interval

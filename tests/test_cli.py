@@ -21,7 +21,7 @@ TINY = [
     "generation.max_new_tokens=16",
     "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "value.heads=2",
 ]
-STAGES = ["sft", "value", "advantage", "rl", "eval_ref", "eval"]
+STAGES = ["sft", "reference", "value", "advantage", "rl", "eval_ref", "eval"]
 
 
 def lol_rl(*args: str, cache: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -82,7 +82,7 @@ def test_first_run_outputs(first_run, workspace):
         steps.setdefault(r["stage"], []).append(r["step"])
     assert steps["sft"] == [10, 20]             # sft.steps=20, sft.log_interval=10
     assert steps["rl"] == [5, 10]               # rl.steps=10, rl.log_interval=5
-    assert steps["rl/validation"] == [5, 10]    # rl.val_interval=5
+    assert steps["rl/validation"] == [0, 5, 10]  # pi_ref at step 0, then every rl.val_interval=5
     assert {"value", "advantage"} <= set(steps)
     for r in records:
         if r["stage"] in ("sft", "rl"):
@@ -91,14 +91,15 @@ def test_first_run_outputs(first_run, workspace):
             assert 0.0 <= r["clip_fraction"] <= 1.0 and _finite(r["ratio"])
 
     cache = workspace / "cache"
-    for stage, count in {"sft": 1, "value": 1, "advantage": 1, "rl": 1, "eval": 2}.items():
+    for stage, count in {"sft": 1, "reference": 1, "value": 1, "advantage": 1, "rl": 1, "eval": 2}.items():
         dirs = [p for p in (cache / stage).iterdir() if not p.name.startswith(".")]
         assert len(dirs) == count, (stage, dirs)
         assert not list((cache / stage).glob(".tmp-*"))
     assert (next((cache / "rl").iterdir()) / "policy").is_dir()
     kept = [json.loads(line) for line in (next((cache / "rl").iterdir()) / "validation.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in kept] == [("rl/validation", 5), ("rl/validation", 10)]  # goes with the cached stage
+    assert [(r["stage"], r["step"]) for r in kept] == [("rl/validation", s) for s in (0, 5, 10)]  # goes with the cached stage
     assert (next((cache / "advantage").iterdir()) / "advantages.pt").is_file()
+    assert (next((cache / "reference").iterdir()) / "reference.pt").is_file()
     assert (next((cache / "value").iterdir()) / "value_head.pt").is_file()
 
     stages = json.loads((run_dir / "stages.json").read_text())
@@ -113,7 +114,7 @@ def test_second_run_reuses_upstream_stages(first_run, second_run, workspace):
     first = json.loads((run1 / "stages.json").read_text())
     stages = json.loads((run2 / "stages.json").read_text())
     assert list(stages) == STAGES
-    for stage in ("sft", "value", "advantage", "eval_ref"):
+    for stage in ("sft", "reference", "value", "advantage", "eval_ref"):
         assert stages[stage]["cached"] is True, stage
         assert stages[stage]["dir"] == first[stage]["dir"], stage
     for stage in ("rl", "eval"):
@@ -121,7 +122,7 @@ def test_second_run_reuses_upstream_stages(first_run, second_run, workspace):
         assert stages[stage]["dir"] != first[stage]["dir"], stage
 
     text = _log_text(run2, proc)
-    for stage in ("sft", "value", "advantage"):
+    for stage in ("sft", "reference", "value", "advantage"):
         line = next((l for l in text.splitlines() if f"stage {stage} " in l and "cached" in l), None)
         assert line is not None and "(reused)" in line, (stage, text[-3000:])
         assert not any(f"stage {stage} " in l and "building" in l for l in text.splitlines()), stage
@@ -130,8 +131,8 @@ def test_second_run_reuses_upstream_stages(first_run, second_run, workspace):
 
     cache = workspace / "cache"
     counts = {s: len([p for p in (cache / s).iterdir() if not p.name.startswith(".")])
-              for s in ("sft", "value", "advantage", "rl", "eval")}
-    assert counts == {"sft": 1, "value": 1, "advantage": 1, "rl": 2, "eval": 3}
+              for s in ("sft", "reference", "value", "advantage", "rl", "eval")}
+    assert counts == {"sft": 1, "reference": 1, "value": 1, "advantage": 1, "rl": 2, "eval": 3}
 
     # the cached reference evaluation is reported identically
     r1 = json.loads((run1 / "eval.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 
 from lol_rl.rewards import RewardError, build_reward
 from lol_rl.rewards.toy import correctness, positional_match
-from lol_rl.tasks.base import Example, read_jsonl, write_jsonl
+from lol_rl.tasks.base import Example, read_jsonl
 from lol_rl.tasks.toy import NOISE_RATE, load_toy, wrong_answer
 
 def _write(tmp_path, lines: list[str | bytes], name="data.jsonl"):
@@ -34,7 +34,7 @@ def test_jsonl_round_trip(tmp_path):
         Example(id="r3", prompt="p", response="r", reward=-2.0, meta={}),
     ]
     path = tmp_path / "rt.jsonl"
-    write_jsonl(path, examples)
+    path.write_text("".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
     assert len(path.read_text(encoding="utf-8").splitlines()) == 3
     assert read_jsonl(path) == examples
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lol_rl.distributed import shard_rows
-from lol_rl.train import BatchSource
+from lol_rl.offline import BatchSource
 from test_cli import ROOT, TINY
 
 # shuffled passes: the rows of one batch are distinct, so "disjoint" is about rows, not positions
@@ -99,10 +99,11 @@ def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path
 def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_stage():
     from omegaconf import OmegaConf
 
-    from lol_rl.pipeline import PreflightError, check_batches_split
+    from lol_rl.errors import ConfigError
+    from lol_rl.pipeline import check_batches_split
 
     cfg = OmegaConf.create({"sft": {"batch_size": 64}, "rl": {"batch_size": 30}})
     check_batches_split(cfg, 2)
-    with pytest.raises(PreflightError, match=r"^rl.batch_size=30 cannot be split evenly over 4 processes; "
+    with pytest.raises(ConfigError, match=r"^rl.batch_size=30 cannot be split evenly over 4 processes; "
                                              r"use a multiple of 4$"):
         check_batches_split(cfg, 4)

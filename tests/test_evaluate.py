@@ -1,10 +1,10 @@
-"""lol_rl.evaluate: distinct-n by hand, and the summary of scored generations."""
+"""lol_rl.scoring: distinct-n by hand, and the summary of scored generations."""
 
 from __future__ import annotations
 
 import pytest
 
-from lol_rl.evaluate import distinct_n, score_generations
+from lol_rl.scoring import distinct_n, score_generations
 from lol_rl.rewards import CompositeReward, RewardError
 from lol_rl.tasks import Example, Task
 

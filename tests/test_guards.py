@@ -13,7 +13,8 @@ from conftest import make_tiny_gpt2
 from lol_rl.data import TokenizedRows
 from lol_rl.losses import nll
 from lol_rl.tracking import MetricsLogger
-from lol_rl.train import BatchSource, NonFiniteError, optimize
+from lol_rl.loop import NonFiniteError
+from lol_rl.offline import BatchSource, optimize
 
 ROWS = TokenizedRows(prompt_ids=[[1, 2], [3, 4], [5, 6]], response_ids=[[7, 8], [9], [10, 11]], pad_id=0)
 IDS = ["row-a", "row-b", "row-c"]

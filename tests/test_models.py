@@ -160,19 +160,19 @@ LORA_RUN = [
 def test_cli_chain_with_a_pretrained_model_and_lora(pretrained_dir, tmp_path):
     """The whole chain on a local pretrained checkpoint with LoRA: the sft artifact is full
     weights (merged adapter), the rl artifact an adapter whose disabled output reproduces the
-    reference log-probs the advantage stage cached."""
+    reference log-probs the reference stage cached."""
     run_dir = tmp_path / "run"
     proc = lol_rl("train", "model=causal_lm_lora", f"model.path={pretrained_dir}", "model.lora.r=4",
                   *LORA_RUN, f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout[-4000:]
     stages = json.loads((run_dir / "stages.json").read_text())
-    sft_dir, rl_dir, advantage_dir = (Path(stages[s]["dir"]) for s in ("sft", "rl", "advantage"))
+    sft_dir, rl_dir, reference_dir = (Path(stages[s]["dir"]) for s in ("sft", "rl", "reference"))
     assert not (sft_dir / "adapter_config.json").exists() and (rl_dir / "policy" / "adapter_config.json").exists()
 
     from lol_rl.data import encode_rows
     from lol_rl.logprobs import response_logprobs
     from lol_rl.tasks import build_task
-    from lol_rl.train import ragged_rows
+    from lol_rl.offline import ragged_rows
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     task = build_task(cfg.task)
@@ -180,7 +180,7 @@ def test_cli_chain_with_a_pretrained_model_and_lora(pretrained_dir, tmp_path):
     rows = encode_rows(tokenizer, task, task.splits["train"][:8], cfg.model.max_prompt_tokens,
                        cfg.model.max_response_tokens)
     batch = rows.batch(list(range(8)))
-    cached = torch.load(advantage_dir / "advantages.pt", weights_only=True)
+    cached = torch.load(reference_dir / "reference.pt", weights_only=True)
     expected = ragged_rows(cached["ref_logprobs/response"], cached["ref_offsets/response"], torch.arange(8),
                            int(batch["response_lengths"].max()))
     with torch.no_grad(), reference_policy(policy) as ref:

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from lol_rl.cli import CONF_DIR
 
 from lol_rl.losses import adaptive_kl_coef, gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from lol_rl.ppo import RunningMoments
+from lol_rl.stages.ppo import RunningMoments
 from lol_rl.tasks import build_task
 
 MASK = torch.tensor([[True, True, True], [True, True, False]])  # the second response is 2 tokens
@@ -131,7 +131,7 @@ def test_ppo_logs_every_update_and_runs_step_multiple_times_the_offline_steps(pp
     assert [r["step"] for r in records] == list(range(1, 31))  # 3 x rl.steps updates, one record each
     assert all(PER_UPDATE <= set(r) and all(math.isfinite(r[k]) for k in PER_UPDATE) for r in records)
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert "value" not in stages and "advantage" not in stages  # PPO scores its own samples
+    assert not {"value", "reference", "advantage"} & set(stages)  # PPO scores its own samples
     summary = json.loads((Path(stages["rl"]["dir"]) / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["sequences"] == 30 * 16
     assert summary["optimizer_steps"] == 30 * 4 * 4  # epochs x minibatches per update
@@ -182,7 +182,7 @@ from test_models import CPU, LORA, LORA_RUN, TEXTS, _perturb_adapter, model_cfg,
 def test_ppo_reference_is_the_adapter_disabled_policy(pretrained_dir):  # noqa: F811 (the fixture)
     from lol_rl.logprobs import pad_batch, response_logprobs
     from lol_rl.models import initial_policy, load_policy
-    from lol_rl.ppo import reference_logprobs
+    from lol_rl.stages.ppo import reference_logprobs
 
     base, tokenizer = load_policy(pretrained_dir, CPU)
     policy, _ = initial_policy(model_cfg(pretrained_dir, lora=LORA), [], CPU)
@@ -211,7 +211,7 @@ def _one_update(monkeypatch, skip: bool):
     from omegaconf import OmegaConf
 
     from conftest import make_tiny_gpt2
-    from lol_rl import ppo
+    from lol_rl.stages import ppo
     from lol_rl.logprobs import pad_batch
 
     model = make_tiny_gpt2()
@@ -234,7 +234,7 @@ def _one_update(monkeypatch, skip: bool):
 
 
 def test_a_non_finite_ppo_loss_stops_naming_the_update_and_prompts(monkeypatch):
-    from lol_rl.train import NonFiniteError
+    from lol_rl.loop import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"rl \(ppo\): non-finite loss or gradient at update 3 .*\['p-[ab]', 'p-[ab]'\]"):
         _one_update(monkeypatch, skip=False)

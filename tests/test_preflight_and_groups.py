@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from lol_rl.cli import CONF_DIR
 from lol_rl.data import TokenizedRows, split_groups
-from lol_rl.train import BatchSource, ragged_rows
+from lol_rl.offline import BatchSource, ragged_rows
 
 
 def write_rows(path: Path, n: int, with_pairs: bool) -> Path:
@@ -35,29 +35,29 @@ def jsonl_cfg(tmp_path: Path, with_pairs: bool, algo: str):
 
 
 def test_preflight_passes_when_the_task_has_pairs(tmp_path):
-    from lol_rl.pipeline import preflight
+    from lol_rl.algorithms import algorithm, preflight
+    from lol_rl.config import validate
     from lol_rl.tasks import build_task
 
-    cfg = jsonl_cfg(tmp_path, with_pairs=True, algo="dpo")
-    preflight(cfg.algo, build_task(cfg.task))  # no error
+    cfg = validate(jsonl_cfg(tmp_path, with_pairs=True, algo="dpo"))
+    preflight(algorithm(cfg.algo), build_task(cfg.task))  # no error
 
 
-def test_every_algo_config_declares_a_known_trainer_and_needs_and_an_offline_one_a_registered_loss():
-    from lol_rl.losses import LOSSES, check_params
-    from lol_rl.pipeline import NEEDS, TRAINERS
-    from lol_rl.train import KEEP, SAMPLING
+def test_every_algo_config_declares_a_known_trainer_and_an_offline_one_a_registered_loss():
+    from lol_rl.algorithms import KEEP, SAMPLING, TRAINERS, algorithm
+    from lol_rl.config import validate
+    from lol_rl.losses import LOSSES
 
     names = sorted(p.stem for p in (CONF_DIR / "algo").glob("*.yaml"))
     assert {"nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free",
             "pro", "ppo"} <= set(names)
     for name in names:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            algo = compose("config", overrides=[f"algo={name}"]).algo
-        trainer = algo.get("trainer", "offline")
-        assert algo.name == name and trainer in TRAINERS and set(algo.needs) <= set(NEEDS), name
-        if trainer == "offline":
+            algo = validate(compose("config", overrides=[f"algo={name}"])).algo  # the shipped values pass
+        assert algo.name == name and algo.trainer in TRAINERS, name
+        if algo.trainer == "offline":
             assert algo.loss in LOSSES and algo.keep in KEEP and algo.sampling in SAMPLING, name
-        check_params(algo.loss if trainer == "offline" else None, algo.params)  # the shipped values pass
+        algorithm(algo)
 
 
 ROWS = TokenizedRows(

@@ -18,8 +18,9 @@ import pytest
 
 from test_cli import TINY, lol_rl
 
-RUN = [*TINY, "rl.steps=12", "rl.val_interval=4", "rl.checkpoint_interval=4", "rl.log_interval=2"]
-CHAIN = ["sft", "value", "advantage", "rl", "eval"]
+RUN = [*TINY, "rl.steps=12", "rl.val_interval=4", "rl.checkpoint_interval=4", "rl.log_interval=2",
+       "sft.checkpoint_interval=5"]
+CHAIN = ["sft", "reference", "value", "advantage", "rl", "eval"]
 
 
 def artifacts(cache: Path) -> dict[str, set[str]]:
@@ -41,7 +42,8 @@ def baseline(tmp_path_factory):
 
 
 @pytest.mark.parametrize("point, stage", [
-    ("sft:step:12", "sft"),
+    ("sft:step:12", "sft"),            # after the checkpoint of step 10
+    ("sft:checkpoint_write:15", "sft"),  # half of the step-15 checkpoint is on disk
     ("value:epoch:1", "value"),
     ("advantage:scored", "advantage"),
     ("rl:step:7", "rl"),               # after the checkpoint of step 4
@@ -69,6 +71,10 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(baseline, tmp_path, mon
     assert not [p for p in cache.glob("*/.*")], "temp or partial build dirs were left behind"
 
     log = rerun.stdout + "".join(p.read_text() for p in (tmp_path / "rerun").glob("*.log"))
+    if point.startswith("sft:"):
+        assert "sft: resuming from the checkpoint of step 10" in log
+        records = [json.loads(line) for line in (tmp_path / "rerun" / "metrics.jsonl").read_text().splitlines()]
+        assert min(r["step"] for r in records if r["stage"] == "sft") > 10  # not from step 0
     if point.startswith("rl:step") or point.startswith("rl:checkpoint_write"):
         assert "rl: resuming from the checkpoint of step 4" in log
         records = [json.loads(line) for line in (tmp_path / "rerun" / "metrics.jsonl").read_text().splitlines()]
@@ -78,7 +84,7 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(baseline, tmp_path, mon
 def test_an_unreadable_checkpoint_is_one_line_naming_it(baseline, tmp_path, monkeypatch):
     baseline_cache, _ = baseline
     cache = tmp_path / "cache"
-    for upstream in ("sft", "value", "advantage"):
+    for upstream in ("sft", "reference", "value", "advantage"):
         shutil.copytree(baseline_cache / upstream, cache / upstream)
     monkeypatch.setenv("LOL_RL_KILL_AT", "rl:step:7")
     assert lol_rl("train", *RUN, f"hydra.run.dir={tmp_path / 'killed'}", cache=cache).returncode == -signal.SIGKILL

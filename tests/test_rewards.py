@@ -401,12 +401,12 @@ def test_specs_strings_mappings_and_omegaconf(tmp_path, monkeypatch):
     specs = OmegaConf.create(["concise", "my_scores:length", {"name": "judge", "use": "hf_classifier", "model": "m"},
                               {"use": "hf_classifier", "model": "n", "device": "cuda:1"}])
     reward = build_reward(specs, device="cpu")
-    assert reward.names == ["concise", "my_scores:length", "judge", "hf_classifier"]
+    assert list(reward.components) == ["concise", "my_scores:length", "judge", "hf_classifier"]
     judge, other = reward.components["judge"], reward.components["hf_classifier"]
     assert (judge.name, judge.device, judge.model) == ("judge", "cpu", "m")
     assert other.device == "cuda:1"  # an option given in the spec wins over build_reward's
     assert reward.max_total == 1.0 + 3.0 + 1.0 + 1.0
-    assert build_reward("concise").names == ["concise"]
+    assert list(build_reward("concise").components) == ["concise"]
 
 
 def test_an_unset_environment_variable_in_a_spec_is_one_line(monkeypatch):
@@ -441,7 +441,7 @@ def test_composite_sums_components_and_reports_each(checkpoints):
     reward = build_reward([{"name": "fluency", "use": "hf_classifier", "model": str(checkpoints["roberta"]),
                             "transform": "softmax", "label": "acceptable"},
                            {"name": "diversity", "use": "tfidf_diversity"}, "concise"], fit_texts=train)
-    assert isinstance(reward, CompositeReward) and reward.names == ["fluency", "diversity", "concise"]
+    assert isinstance(reward, CompositeReward) and list(reward.components) == ["fluency", "diversity", "concise"]
     prompts = ["repeat: cat"] * 3
     responses = ["the cat", "cat", "the cat sat dog ran"]
     total, parts = reward.score(prompts, responses)

@@ -1,11 +1,11 @@
-"""lol_rl.value.ValueHead and fit_value_head."""
+"""lol_rl.value_head.ValueHead and fit_value_head."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lol_rl.value import ValueHead, fit_value_head, predict_values
+from lol_rl.value_head import ValueHead, fit_value_head, predict_values
 
 H = 32
 

@@ -15,15 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .cache import StageCache
-from .models import resolve_device
+from . import artifacts
 from .files import atomic_write_text
-from .pipeline import advantage_stage, reward_specs, stage_keys
-from .tasks import Task, build_task
-from .tracking import MetricsLogger
-from .train import run_sft
+from .pipeline import open_chain
+from .tables import markdown_table
 
 def lowest_advantage(rows: list[dict], n: int) -> list[dict]:
     """The `n` rows with the lowest A, lowest first (ties by row order)."""
@@ -59,15 +54,14 @@ def format_audit(summary: dict, lowest: list[dict], examples: dict, width: int) 
         lines.append(f"ground truth: {100 * summary['bad_fraction']:.1f}% of the rows are bad; the drop's precision "
                      f"{_num(summary['drop_precision'])}, recall {_num(summary['drop_recall'])}")
     for key, table in summary.get("drop_by", {}).items():
-        lines += ["", f"| {key} | rows | dropped % | bad rows |", "|---|---|---|---|"]
-        lines += [f"| {value} | {t['rows']} | {100 * t['dropped_fraction']:.1f} | {t.get('bad', '-')} |"
-                  for value, t in table.items()]
+        lines += ["", markdown_table([key, "rows", "dropped %", "bad rows"],
+                                     [[value, t["rows"], f"{100 * t['dropped_fraction']:.1f}", t.get("bad", "-")]
+                                      for value, t in table.items()])]
     components = list(lowest[0]["rewards"]) if lowest else []
     header = ["id", "A", "V(x)", "R", *components, "prompt", "response"]
     if lowest and "bad" in lowest[0]["meta"]:
         header.append("defect")
-    lines += ["", f"the {len(lowest)} rows with the lowest advantage:", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells_of_rows = []
     for row in lowest:
         example = examples[row["id"]]
         cells = [str(row["id"]), f"{row['advantage']:.3f}", f"{row['value']:.3f}", f"{row['reward']:.3f}",
@@ -75,7 +69,8 @@ def format_audit(summary: dict, lowest: list[dict], examples: dict, width: int) 
                  _clip(example.prompt, width).replace("|", "\\|"), _clip(example.response, width).replace("|", "\\|")]
         if "defect" in header:
             cells.append(str(row["meta"].get("defect", "bad" if row["meta"]["bad"] else "none")))
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_of_rows.append(cells)
+    lines += ["", f"the {len(lowest)} rows with the lowest advantage:", "", markdown_table(header, cells_of_rows)]
     return "\n".join(lines)
 
 
@@ -84,7 +79,7 @@ def _num(value) -> str:
 
 
 def audit_summary(advantage_dir: Path, rows: list[dict]) -> dict:
-    summary = json.loads((advantage_dir / "audit.json").read_text())
+    summary = artifacts.advantage_audit(advantage_dir)
     summary.pop("by_skill", None)  # drop_by has it, with the drop counted
     by = [key for key in ("defect", "skill", "difficulty", "segment") if rows and all(key in r["meta"] for r in rows)]
     summary["drop_by"] = {key: drop_by(rows, key) for key in by}
@@ -92,21 +87,13 @@ def audit_summary(advantage_dir: Path, rows: list[dict]) -> dict:
 
 
 def run_audit(cfg, run_dir: Path) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    task: Task = build_task(cfg.task, reward_override=reward_specs(cfg.reward), device=cfg.device)
-    device = resolve_device(cfg.device)
-    cache = StageCache(cfg.cache_dir)
-    metrics = MetricsLogger(run_dir / "metrics.jsonl")
-    data, scored = stage_keys(cfg, task)
-    sft = cache.stage("sft", {**data, "sft": cfg.sft}, lambda out: run_sft(cfg, task, out, metrics, device))
-    advantage = advantage_stage(cfg, task, cache, sft, scored, metrics, device)
-    metrics.close()
-    with (advantage / "rows.jsonl").open(encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
+    chain = open_chain(cfg, run_dir / artifacts.RUN_METRICS)  # the same checks and cache keys as train
+    advantage = chain.build("advantage")
+    chain.metrics.close()
+    rows = artifacts.advantage_rows(advantage)
     summary = audit_summary(advantage, rows)
     lowest = lowest_advantage(rows, cfg.audit.rows)
-    examples = {e.id: e for e in task.splits["train"]}
+    examples = {e.id: e for e in chain.task.splits["train"]}
     table = format_audit(summary, lowest, examples, cfg.audit.text_width)
     atomic_write_text(run_dir / "audit.md", table + "\n")
     atomic_write_text(run_dir / "audit.json", json.dumps({"advantage_dir": str(advantage), **summary,

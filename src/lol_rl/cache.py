@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import distributed
+from .errors import LolRlError
 from .faults import kill_point
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ CACHE_VERSION = 3  # 3: every artifact has a manifest.json
 MANIFEST = "manifest.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(LolRlError, RuntimeError):
     """The cache dir is not writable, or an artifact in it is damaged; names the dir."""
 
 
@@ -157,7 +158,7 @@ class StageCache:
                     shutil.rmtree(temp, ignore_errors=True)
                 raise err
         except BaseException:
-            if keep_on_failure:
+            if keep_on_failure and _has_progress(temp):
                 log.info("stage %s: kept %s; the next run resumes from its checkpoint", label, temp)
             else:
                 shutil.rmtree(temp, ignore_errors=True)
@@ -166,6 +167,11 @@ class StageCache:
         log.info("stage %-10s done     in %.1f s", label, seconds)
         self.timings[label] = {"dir": str(final), "cached": False, "seconds": seconds}
         return final
+
+
+def _has_progress(build_dir: Path) -> bool:
+    """Whether a failed resumable build wrote anything to resume from (a checkpoint, a policy)."""
+    return any(p.name not in (OWNER, "stage.json") for p in build_dir.iterdir())
 
 
 def check_writable(root: Path) -> None:

@@ -22,9 +22,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .schema import register as _register_schema
+from .config import register as _register_schema
 
 CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
 _register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
@@ -40,76 +42,50 @@ class _GenerateMaskNotice(logging.Filter):
         return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
 
 
-def _train_app():
+def _hydra_app(config_name: str, run: Callable[[Any, Path], Any]):
+    """A Hydra app over conf/<config_name>.yaml that calls `run(cfg, run dir)`; a LolRlError
+    (anything the user can fix) is one line on stderr and exit status 2, never a traceback."""
     # bitsandbytes looks for an optional hub kernel on import and logs its absence on CPU: harmless noise
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import hydra
     from hydra.core.hydra_config import HydraConfig
-
     from transformers.utils import logging as hf_logging
 
-    from .cache import CacheError
-    from .models import ModelError
-    from .pipeline import PreflightError, run_train
-    from .rewards import RewardError
-    from .tasks import DataError
-    from .train import CheckpointError, NonFiniteError
+    from .errors import LolRlError
 
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers.modeling_utils").addFilter(_GenerateMaskNotice())
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def train(cfg) -> None:
-        try:
-            run_train(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CheckpointError, CacheError) as err:  # one clear line, not a traceback
-            print(f"lol-rl: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return train
-
-
-def _audit_app():
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from .audit import run_audit
-    from .cache import CacheError
-    from .models import ModelError
-    from .pipeline import PreflightError
-    from .rewards import RewardError
-    from .tasks import DataError
-    from .train import NonFiniteError
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-    def audit(cfg) -> None:
-        try:
-            run_audit(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, PreflightError, NonFiniteError, RewardError, ModelError, CacheError) as err:
-            print(f"lol-rl: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return audit
-
-
-def _judge_app():
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from .judge import JudgeError, run
-    from .rewards import RewardError
-    from .tasks import DataError
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="judge")
-    def judge(cfg) -> None:
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg) -> None:
         try:
             run(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except (DataError, JudgeError, RewardError) as err:  # one clear line, not a traceback
+        except LolRlError as err:
             print(f"lol-rl: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    return judge
+    return app
+
+
+def _train(cfg, run_dir: Path):
+    from .pipeline import run_train
+
+    return run_train(cfg, run_dir)
+
+
+def _audit(cfg, run_dir: Path):
+    from .audit import run_audit
+
+    return run_audit(cfg, run_dir)
+
+
+def _judge(cfg, run_dir: Path):
+    from .judge import run
+
+    return run(cfg, run_dir)
+
+
+APPS = {"train": ("config", _train), "audit": ("config", _audit), "judge": ("judge", _judge)}
 
 
 def main() -> None:
@@ -138,7 +114,7 @@ def main() -> None:
         return
     if command in ("train", "audit"):
         share_output_dirs()
-    {"train": _train_app, "judge": _judge_app, "audit": _audit_app}[command]()()
+    _hydra_app(*APPS[command])()
 
 
 def share_output_dirs() -> None:

@@ -68,11 +68,6 @@ def broadcast(value=None):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def on_main(fn, *args):
-    """`fn(*args)` computed by the main process alone; every process gets its result."""
-    return broadcast(fn(*args) if is_main() else None)
-
-
 def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each 0-d tensor averaged over the processes, in one all-reduce."""
     if world_size() == 1 or not values:
@@ -98,10 +93,6 @@ def shard_rows(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
         raise ValueError(f"a batch of {len(rows)} rows cannot be split evenly over {world} processes; "
                          f"use a batch size divisible by {world}")
     return rows[rank::world]
-
-
-def this_process_rows(rows: torch.Tensor) -> torch.Tensor:
-    return shard_rows(rows, rank(), world_size())
 
 
 def data_parallel(model: torch.nn.Module) -> torch.nn.Module:

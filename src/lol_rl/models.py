@@ -29,6 +29,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPT2Config, PreTrainedTokenizerFast
 
+from .errors import LolRlError
+
 log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
@@ -36,7 +38,7 @@ PAD = "<pad>"
 BASE_FILE = "policy.json"  # in an adapter artifact: where its base weights are
 
 
-class ModelError(ValueError):
+class ModelError(LolRlError, ValueError):
     """A model config that cannot run here (QLoRA without a GPU, a model id not available offline)."""
 
 

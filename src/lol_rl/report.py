@@ -26,7 +26,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from . import artifacts
+from .tables import markdown_table
 from .files import atomic_write
+from .errors import LolRlError
 from .published import PUBLISHED, PublishedTable
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ FAMILIES = {  # paper Fig. 2's panels
 }
 
 
-class ReportError(Exception):
+class ReportError(LolRlError):
     """A sweep dir that cannot be reported on: one line for the user, no traceback."""
 
 
@@ -70,14 +73,14 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
     """Every finished run under `sweep_dir`: its algo, task, seed, reference and policy metrics.
     A run is finished once it has both eval.json and stages.json (written last, in that order)."""
     runs = []
-    for eval_path in sorted(sweep_dir.glob("*/eval.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for eval_path in sorted(sweep_dir.glob(f"*/{artifacts.RUN_EVAL}"), key=lambda p: (len(p.parent.name), p.parent.name)):
         run_dir = eval_path.parent
-        if not (run_dir / "stages.json").is_file():
+        if not (run_dir / artifacts.RUN_STAGES).is_file():
             continue
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / artifacts.RUN_CONFIG).is_file():
             raise ReportError(f"{run_dir}: has eval.json but no config.yaml (not a lol-rl train run dir?)")
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        stages = _read_json(run_dir / "stages.json")
+        cfg = OmegaConf.load(run_dir / artifacts.RUN_CONFIG)
+        stages = _read_json(run_dir / artifacts.RUN_STAGES)
         results = _read_json(eval_path)
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
@@ -279,11 +282,11 @@ def format_section(section: Section) -> str:
     if section.shared:
         lines += [f"every run: `{' '.join(section.shared)}`", ""]
     header = ["policy", "seeds", *(c.header for c in section.columns)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in section.rows:
-        cells = [format_cell(*row.cells.get(c.key, (None, None)), column_digits(c, section.reward_scale), row.source)
-                 for c in section.columns]
-        lines.append("| " + " | ".join([row.name, "" if row.n_seeds is None else str(row.n_seeds), *cells]) + " |")
+    lines.append(markdown_table(header, [
+        [row.name, "" if row.n_seeds is None else str(row.n_seeds),
+         *(format_cell(*row.cells.get(c.key, (None, None)), column_digits(c, section.reward_scale), row.source)
+           for c in section.columns)]
+        for row in section.rows]))
     if section.published:
         lines += ["", f"(paper) rows: Baheti et al. 2024, {section.published.source}, as in src/lol_rl/published.py."]
         if section.published.reward_scale != 1:
@@ -319,9 +322,9 @@ def validation_curve(run: dict) -> dict[int, float]:
     reused a cached stage), else from the run's metrics; a resumed build logs some steps twice,
     the last one counts."""
     artifact = resolve_stage_dir(run["run_dir"], run["stages"]["rl"]["dir"]) if "rl" in run["stages"] else None
-    path = artifact / "validation.jsonl" if artifact is not None else None
+    path = artifact / artifacts.VALIDATION if artifact is not None else None
     if path is None or not path.is_file():
-        path = run["run_dir"] / "metrics.jsonl"
+        path = run["run_dir"] / artifacts.RUN_METRICS
     if not path.is_file():
         return {}
     curve = {}
@@ -398,8 +401,8 @@ def advantage_rows(runs: list[dict]) -> list[dict] | None:
         if "advantage" not in run["stages"]:
             continue
         found = resolve_stage_dir(run["run_dir"], run["stages"]["advantage"]["dir"])
-        if found is not None and (found / "rows.jsonl").is_file():
-            return _read_jsonl(found / "rows.jsonl")
+        if found is not None and (found / artifacts.ADVANTAGE_ROWS).is_file():
+            return _read_jsonl(found / artifacts.ADVANTAGE_ROWS)
     return None
 
 

@@ -8,6 +8,8 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError
+
 
 def resolve_epochs(opt_cfg: DictConfig, rows: int) -> DictConfig:
     """`opt_cfg` with `steps = ceil(epochs x rows / batch_size)` when `epochs` is set, and then
@@ -27,3 +29,17 @@ def resolve_epochs(opt_cfg: DictConfig, rows: int) -> DictConfig:
             raise ValueError(f"validations_per_epoch must be > 0, got {per_epoch_validations}")
         resolved.val_interval = max(1, math.floor(steps_per_epoch / per_epoch_validations))
     return resolved
+
+
+def resolve_budget(cfg: DictConfig, section: str, rows: int) -> DictConfig:
+    """`cfg` with `<section>.steps` (and `val_interval`) from `<section>.epochs` over `rows`;
+    `cfg` itself when the section counts steps."""
+    try:
+        resolved = resolve_epochs(cfg[section], rows)
+    except ValueError as err:
+        raise ConfigError(f"{section}: {err}") from None
+    if resolved is cfg[section]:
+        return cfg
+    cfg = cfg.copy()
+    cfg[section] = resolved
+    return cfg

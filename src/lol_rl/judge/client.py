@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from ..tasks.base import DataError
+from ..errors import LolRlError
 from .pairs import ORDERS, VERDICTS
 
 NO_KEY = "no-key"  # a local server checks no key, but the client insists on one
 
 
-class JudgeError(RuntimeError):
+class JudgeError(LolRlError, RuntimeError):
     """The judge endpoint failed after its retries, or an out dir holds another judging; one line."""
 
 

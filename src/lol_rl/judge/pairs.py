@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tables import markdown_table
 from ..tasks.base import DataError, json_lines, require
 
 NO_SEGMENT = "all"  # rows without meta.segment (every task but HHA) form one segment
@@ -240,10 +241,7 @@ def _cells(row: dict, dropped: Sequence[str], digits: int) -> list[str]:
 
 
 def format_markdown(rows: Iterable[dict], dropped: Sequence[str] = LLM_DROPPED) -> str:
-    header = _headers(dropped)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(row, dropped, 1)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(_headers(dropped), [_cells(row, dropped, 1) for row in rows])
 
 
 def format_csv(rows: Iterable[dict], dropped: Sequence[str] = LLM_DROPPED) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from .. import artifacts
 from ..progress import progress_disabled
 from ..tasks.base import DataError, read_json
 from .client import JudgeError, VerdictLog, ask, make_client
@@ -44,12 +45,12 @@ def generations_file(spec: str) -> Path:
     path = Path(spec)
     if not path.is_dir():
         return path
-    stages = read_json(path / "stages.json", dict, "an object of stage label: {dir, ...}",
+    stages = read_json(path / artifacts.RUN_STAGES, dict, "an object of stage label: {dir, ...}",
                        missing_hint=" (a or b is a dir, but not a finished `lol-rl train` run dir)")
     stage = stages.get("eval")
     if not isinstance(stage, dict) or not isinstance(stage.get("dir"), str):
-        raise DataError(f"{path / 'stages.json'}: expected an 'eval' stage with a 'dir'")
-    generations = Path(stage["dir"]) / "generations.jsonl"
+        raise DataError(f"{path / artifacts.RUN_STAGES}: expected an 'eval' stage with a 'dir'")
+    generations = artifacts.generations(Path(stage["dir"]))
     if not generations.is_file():
         raise DataError(f"{generations}: no such file (the run's eval stage dir is gone or predates saved "
                         f"generations; rerun the same `lol-rl train` command to rebuild it)")
@@ -58,7 +59,7 @@ def generations_file(spec: str) -> Path:
 
 def run_label(spec: str) -> str:
     """A run dir as its algorithm and seed (as the train table names it); a file as its path."""
-    config = Path(spec) / "config.yaml"
+    config = Path(spec) / artifacts.RUN_CONFIG
     if Path(spec).is_dir() and config.is_file():
         cfg = OmegaConf.load(config)
         return f"{cfg.algo.name} (seed {cfg.seed})"
@@ -71,7 +72,7 @@ def reference_responses(cfg, a_spec: str) -> System:
 
     task_cfg = cfg.task
     if task_cfg is None:
-        config = Path(a_spec) / "config.yaml"
+        config = Path(a_spec) / artifacts.RUN_CONFIG
         if not config.is_file():
             raise DataError(f"b=test_good needs the task: give a as a run dir (its config.yaml names the task) "
                             f"or name it with task=<name> (a={a_spec} has no config.yaml)")

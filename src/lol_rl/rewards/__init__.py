@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import LolRlError
+
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
-class RewardError(RuntimeError):
+class RewardError(LolRlError, RuntimeError):
     """A reward spec, a component's model or a score is unusable; one line naming the component."""
 
 
@@ -39,10 +41,6 @@ class CompositeReward:
         if not components:
             raise ValueError("a reward needs at least one component")
         self.components = components
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.components)
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str], ids: Sequence[str] | None = None

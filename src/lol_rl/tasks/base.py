@@ -11,13 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LolRlError
+
 
 # a loader may return this key beside its splits: the texts reward components with a `fit`
 # (TF-IDF) fit on, when they are not simply the train responses
 FIT_TEXTS = "reward_fit_texts"
 
 
-class DataError(ValueError):
+class DataError(LolRlError, ValueError):
     """Bad input data; the message names the file, the row and the key."""
 
 

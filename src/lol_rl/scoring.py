@@ -1,18 +1,15 @@
-"""Test metrics (PAPER.md "Metrics"): mean reward per component and in total, mean length in
+"""Scoring generations (PAPER.md "Metrics"): mean reward per component and in total, mean length in
 whitespace words, distinct-1/2/3 over the whole output (lowercased whitespace tokens)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .faults import kill_point
 from .generate import generate_with_config
-from .models import load_policy
 from .rewards import CompositeReward
+from .tables import markdown_table
 from .tasks import Example, Task
 
 
@@ -48,18 +45,34 @@ def score_generations(reward: CompositeReward | None, examples: Sequence[Example
     return summary, total, per_component
 
 
-def run_eval(cfg, task: Task, policy_dir: Path, out_dir: Path, device) -> None:
-    """Stage 5: greedy generation on the test prompts; metrics.json and every generation."""
-    model, tokenizer = load_policy(policy_dir, device, cfg.model)
-    examples = task.splits["test"][: cfg.eval.test_prompts] if cfg.eval.test_prompts else task.splits["test"]
+def validation_scorer(task: Task, tokenizer, cfg) -> Callable | None:
+    """`score(model) -> (reward, details)`: greedy generation on the first `rl.val_prompts`
+    validation prompts, scored by the task reward (None for a task without a scorer: nothing
+    can score new responses)."""
+    if task.reward is None:
+        return None
+    examples = task.splits["validation"][: cfg.rl.val_prompts]
     formatted = [task.format_prompt(e.prompt) for e in examples]
-    responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval")]
-    scores, total, per_component = score_generations(task.test_reward, examples, responses)
-    kill_point("eval:generated")
-    with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
-        for i, (example, response) in enumerate(zip(examples, responses)):
-            row = {"id": example.id, "prompt": example.prompt, "response": response,
-                   "reward": None if total is None else float(total[i]),
-                   "rewards": {k: float(v[i]) for k, v in per_component.items()}, "meta": example.meta}
-            f.write(json.dumps(row) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2))
+
+    def score(model) -> tuple[float, dict]:
+        responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg)]
+        scores, _, _ = score_generations(task.reward, examples, responses)
+        return scores["reward"], {f"reward/{k}": v for k, v in scores["rewards"].items()} | {"length": scores["length"]}
+
+    return score
+
+
+def format_results(rows: dict[str, dict]) -> str:
+    """A markdown table of test metrics: total, per-segment (HHA) and per-component reward,
+    length, distinct-1/2/3."""
+    first = next(iter(rows.values()))
+    components = list(first["rewards"])
+    segments = list(first.get("segments", {}))
+    header = ["policy", *segments, "reward", *components, "length", "distinct-1/2/3", "n"]
+    lines = []
+    for name, m in rows.items():
+        reward = "n/a" if m["reward"] is None else f"{m['reward']:.3f}"  # a task without a scorer
+        lines.append([name, *(f"{m['segments'][s]['reward']:.3f}" for s in segments), reward,
+                      *(f"{m['rewards'][c]:.3f}" for c in components), f"{m['length']:.1f}",
+                      "/".join(f"{d:.3f}" for d in m["distinct"]), str(m["n"])])
+    return markdown_table(header, lines)

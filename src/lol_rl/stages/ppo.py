@@ -1,6 +1,6 @@
-"""Online PPO, the paper's online baseline (PAPER.md "PPO"), on the offline algorithms'
-pipeline: it starts from the cached sft pi_ref, validates and keeps the best checkpoint as
-train.optimize does, and its policy goes through the same eval stage.
+"""Online PPO, the paper's online baseline (PAPER.md "PPO"), in the same loop shell as
+the offline algorithms (loop.py): it starts from the cached sft pi_ref, validates and keeps the
+best checkpoint (pi_ref at step 0 included), and its policy goes through the same eval stage.
 
     lol-rl train algo=ppo                          # the embedded task
     lol-rl train algo=ppo algo.params.step_multiple=1.0 seed=2
@@ -26,27 +26,22 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .data import encode_rows
-from .faults import kill_point
-from .files import atomic_write_text
-from .logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
-from .losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
-from .models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
-from .progress import progress_disabled
-from .rewards import RewardError
-from .tasks import Task
-from .tracking import MetricsLogger
-from .train import (
-    CHECKPOINT, BatchSource, NonFiniteError, load_checkpoint, load_trainable_state, make_validator,
-    recover_policy, save_checkpoint, save_policy_atomically, trainable_state,
-)
+from .. import artifacts
+from ..data import encode_rows
+from ..logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
+from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_policy, run_loop
+from ..losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
+from ..models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
+from ..offline import BatchSource
+from ..rewards import RewardError
+from ..scoring import validation_scorer
+from ..tasks import Task
+from . import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +163,6 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
     loss or gradient stops the run naming the prompts, unless rl.skip_nonfinite (skipped, counted)."""
     n = len(rollouts.scores)
     size = math.ceil(n / params.minibatches)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     totals: dict[str, float] = {}
     steps = skipped = 0
     for _ in range(params.epochs):
@@ -180,22 +174,17 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
             vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask, clip=params.value_clip)
             mean_entropy = masked_mean(entropy, mask)
             loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opt_cfg.grad_clip)
-            if not torch.isfinite(loss.detach() + grad_norm):
+
+            def failure(what: str, loss_value: float, grad_norm: float, rows=rows) -> str:
                 prompts = [row_ids[i] for i in rows.tolist()]
-                if not opt_cfg.skip_nonfinite:
-                    raise NonFiniteError(f"rl (ppo): non-finite loss or gradient at update {update} (loss {loss.item()}, "
-                                         f"grad norm {grad_norm.item()}) on train prompts {prompts}; "
-                                         f"rl.skip_nonfinite=true skips such minibatches")
-                log.warning("rl (ppo): skipped a minibatch of update %d, non-finite on train prompts %s", update, prompts)
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                return (f"rl (ppo): non-finite loss or gradient at update {update} (loss {loss_value}, grad norm "
+                        f"{grad_norm}) on train prompts {prompts}; rl.skip_nonfinite=true skips such minibatches")
+
+            grad_norm = guarded_update(loss, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
+            scheduler.step()
+            if grad_norm is None:
                 skipped += 1
                 continue
-            optimizer.step()
-            scheduler.step()
             steps += 1
             for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
                                 "grad_norm": grad_norm, **pg_metrics, **vf_metrics}.items():
@@ -203,17 +192,18 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
     return {**{name: value / max(steps, 1) for name, value in totals.items()}, "skipped_minibatches": skipped}
 
 
-def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir: Path, metrics: MetricsLogger,
-            device) -> None:
+def run(stage: StageRun) -> None:
     """Stage 4 with the online loop: PPO from pi_ref; the best checkpoint by validation reward
-    is saved to `out_dir/policy`, as run_rl does."""
+    is saved to `policy/`, as the offline loop does."""
+    cfg, task, out, device = stage.cfg, stage.task, stage.out, stage.device
     params = cfg.algo.params
     if task.reward is None:
         raise ValueError(f"algo {cfg.algo.name} scores its own samples and task {task.name} has no reward scorer")
     torch.manual_seed(cfg.seed)
+    sft_dir = stage.inputs["sft"]
     model, tokenizer = load_policy(sft_dir, device, cfg.model)
     frozen_reference = None
-    if cfg.model.get("lora"):  # a fresh adapter over pi_ref: disabling it gives the reference back
+    if cfg.model.lora:  # a fresh adapter over pi_ref: disabling it gives the reference back
         model = add_adapter(model, cfg.model)
     else:  # a full-weight policy is small (model=tiny, gpt2): a frozen copy is the reference
         frozen_reference, _ = load_policy(sft_dir, device, cfg.model)
@@ -225,7 +215,7 @@ def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir:
     updates = max(1, round(params.step_multiple * cfg.rl.steps))
     steps_per_update = params.epochs * min(params.minibatches, cfg.rl.batch_size)
     opt_cfg = {**cfg.rl, "lr": params.lr_scale * cfg.rl.lr}
-    optimizer = make_optimizer(trainable, OmegaConf.create(opt_cfg), cfg.model.get("optimizer", "adamw"))
+    optimizer = make_optimizer(trainable, OmegaConf.create(opt_cfg), cfg.model.optimizer)
     scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
                               num_training_steps=updates * steps_per_update)
     train = task.splits["train"]
@@ -234,67 +224,51 @@ def run_ppo(cfg, task: Task, sft_dir: Path, advantage_dir: Path | None, out_dir:
     generator = torch.Generator().manual_seed(cfg.seed)
     row_ids = [e.id for e in train]
     score_moments = RunningMoments()
-    loop = {"update": 0, "kl_coef": params.kl_coef, "best": {"score": -math.inf, "step": 0}, "rollout_seconds": 0.0}
-    validate = make_validator(task, tokenizer, cfg)
-    checkpoint = out_dir / CHECKPOINT
-    state = load_checkpoint(checkpoint)
-    if state is not None:  # a killed run: continue from its last checkpoint
-        load_trainable_state(trainable, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        prompts.load_state_dict(state["prompts"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        score_moments.__dict__.update(state["score_moments"])
-        loop = state["loop"]
-        log.info("rl: resuming from the checkpoint of update %d", loop["update"])
-    recover_policy(out_dir / "policy")
-    kl_coef, best, rollout_seconds = loop["kl_coef"], loop["best"], loop["rollout_seconds"]
-    started = time.perf_counter()
+    online = {"kl_coef": params.kl_coef, "rollout_seconds": 0.0}
 
-    def save_best(step, score):
-        save_policy_atomically(model, tokenizer, out_dir / "policy", base_dir=sft_dir)
-        atomic_write_text(out_dir / "best.json", json.dumps({"step": step, "validation_reward": score}))
-
-    log.info("rl: ppo for %d updates of %d rollouts (%.1fx rl.steps), %d epochs x %d minibatches each",
-             updates, cfg.rl.batch_size, params.step_multiple, params.epochs, params.minibatches)
-    for update in tqdm(range(loop["update"] + 1, updates + 1), desc="rl (ppo)", disable=progress_disabled(),
-                       initial=loop["update"], total=updates):
-        kill_point(f"rl:step:{update}")
+    def update(n: int) -> dict:
         rollout_started = time.perf_counter()
         indices = prompts.draw().tolist()
         rollouts, texts = collect(model, value_head, frozen_reference, tokenizer, task, rows, indices, params, cfg,
-                                  device, update)
-        rollout_seconds += time.perf_counter() - rollout_started
+                                  device, n)
+        online["rollout_seconds"] += time.perf_counter() - rollout_started
         scores = rollouts.scores
         if params.score_norm:
             score_moments.update(scores)
             scores = score_moments.normalise(scores)
-        rollouts.estimate(params, kl_coef, scores)
+        rollouts.estimate(params, online["kl_coef"], scores)
         kl = (rollouts.old_logprobs - rollouts.ref_logprobs).mul(rollouts.mask).sum(-1).mean().item()
-        values = ppo_epochs(model, value_head, rollouts, optimizer, scheduler, params, cfg.rl, generator, update,
+        values = ppo_epochs(model, value_head, rollouts, optimizer, scheduler, params, cfg.rl, generator, n,
                             [row_ids[i] for i in indices])
-        metrics.log("rl", update, reward=rollouts.scores.mean().item(), kl=kl, kl_coef=kl_coef,
-                    response_tokens=rollouts.mask.sum(-1).float().mean().item(),
-                    length=sum(len(t.split()) for t in texts) / len(texts),
-                    lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started, **values)
+        record = {"reward": rollouts.scores.mean().item(), "kl": kl, "kl_coef": online["kl_coef"],
+                  "response_tokens": rollouts.mask.sum(-1).float().mean().item(),
+                  "length": sum(len(t.split()) for t in texts) / len(texts), **values}
         if params.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, kl, params.kl_target, len(indices), params.kl_horizon)
-        if validate is not None and (update % cfg.rl.val_interval == 0 or update == updates):
-            score, details = validate(model)
-            metrics.log("rl/validation", update, reward=score, **details)
-            if score > best["score"]:
-                best = {"score": score, "step": update}
-                save_best(update, score)
-        if cfg.rl.checkpoint_interval and update % cfg.rl.checkpoint_interval == 0 and update < updates:
-            loop = {"update": update, "kl_coef": kl_coef, "best": best, "rollout_seconds": rollout_seconds}
-            save_checkpoint(checkpoint, {
-                "model": trainable_state(trainable), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "prompts": prompts.state_dict(), "generator": generator.get_state(),
-                "rng": torch.get_rng_state(), "score_moments": dict(score_moments.__dict__), "loop": loop,
-            }, point=f"rl:checkpoint_write:{update}")
-    checkpoint.unlink(missing_ok=True)
-    summary = {"best_validation_reward": best["score"], "best_step": best["step"], "steps": updates,
-               "optimizer_steps": updates * steps_per_update, "sequences": updates * cfg.rl.batch_size,
-               "seconds": time.perf_counter() - started, "rollout_seconds": rollout_seconds}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            online["kl_coef"] = adaptive_kl_coef(online["kl_coef"], kl, params.kl_target, len(indices), params.kl_horizon)
+        return record
+
+    def extra_state() -> dict:
+        return {"prompts": prompts.state_dict(), "generator": generator.get_state(),
+                "score_moments": dict(score_moments.__dict__), "online": dict(online)}
+
+    def load_extra_state(state: dict) -> None:
+        prompts.load_state_dict(state["prompts"])
+        generator.set_state(state["generator"])
+        score_moments.__dict__.update(state["score_moments"])
+        online.update(state["online"])
+
+    recover_policy(out / artifacts.POLICY)
+    score = validation_scorer(task, tokenizer, cfg)
+    save_best = best_policy_saver(model, tokenizer, out, base_dir=sft_dir)
+    log.info("rl: ppo for %d updates of %d rollouts (%.1fx rl.steps), %d epochs x %d minibatches each",
+             updates, cfg.rl.batch_size, params.step_multiple, params.epochs, params.minibatches)
+    # an update is the unit of the loop: its record is already a mean over its minibatches, so one per update
+    summary = run_loop(Loop(stage="rl", steps=updates, step=update, model=model, trainable=trainable,
+                            optimizer=optimizer, scheduler=scheduler, metrics=stage.metrics, log_interval=1,
+                            validation=Validation(score, save_best, cfg.rl.val_interval, at_start=True),
+                            checkpoint=out / artifacts.CHECKPOINT, checkpoint_interval=cfg.rl.checkpoint_interval,
+                            extra_state=extra_state, load_extra_state=load_extra_state))
+    (out / artifacts.CHECKPOINT).unlink(missing_ok=True)
+    summary.update(optimizer_steps=updates * steps_per_update, sequences=updates * cfg.rl.batch_size,
+                   rollout_seconds=online["rollout_seconds"])
+    (out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,102 @@
+"""An algorithm, declared once: its yaml names a loss (or the online trainer), which rows it
+keeps and how it samples them; everything else follows from the loss's signature in losses.py.
+A parameter `rejected_logprobs` means it reads the rejected response group, `ref_logprobs`
+the reference log-probs, `advantages` the advantage stage, and so on. The preflight, the stages
+a run builds and the tensors the loop hands the loss all come from here."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from .data import RANKING, REJECTED, RESPONSE
+from .errors import ConfigError
+from .losses import LOSSES, check_params
+
+TRAINERS = ("offline", "ppo")
+KEEP = ("all", "positive_advantage")  # every train row | the rows with A > 0
+SAMPLING = ("uniform", "shuffle", "advantage", "reward")  # the last two: with replacement, prob. proportional
+
+GROUP_PREFIXES = {REJECTED: f"{REJECTED}_", RANKING: f"{RANKING}_"}  # a loss parameter's group, by its prefix
+ROW_TENSORS = {"advantages": "advantage", "rewards": "reference", "ranking_rewards": "reference"}  # name -> stage
+
+# what a task must provide (Task.provides) for a response group or a trainer
+TASK_NEEDS = {
+    REJECTED: ("preferences", "preference pairs"),
+    RANKING: ("ranking", "rankings of the same length"),  # scored by the task's reward (Task.provides)
+    "ppo": ("scorer", "a reward scorer for new responses (reward components, not only the data's rewards)"),
+}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    trainer: str
+    loss: str | None
+    keep: str
+    sampling: str
+    params: dict
+
+    @property
+    def loss_inputs(self) -> tuple[str, ...]:
+        """The names the loss function reads (its positional parameters)."""
+        if self.loss is None:
+            return ()
+        signature = inspect.signature(LOSSES[self.loss])
+        return tuple(p.name for p in signature.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD)
+
+    @property
+    def groups(self) -> list[str]:
+        """The response groups one forward covers: the logged response, the rejected one, a ranking."""
+        found = [group for group, prefix in GROUP_PREFIXES.items() if any(n.startswith(prefix) for n in self.loss_inputs)]
+        reads_response = any(not any(n.startswith(p) for p in GROUP_PREFIXES.values()) for n in self.loss_inputs
+                             if n.endswith(("logprobs", "mask")))
+        return ([RESPONSE] if reads_response else []) + found
+
+    @property
+    def reads_reference(self) -> bool:
+        return any(name.endswith("ref_logprobs") for name in self.loss_inputs)
+
+    def input_stages(self) -> tuple[str, ...]:
+        """The stages the rl stage reads for this algorithm, beyond sft."""
+        if self.trainer == "ppo":
+            return ("sft",)
+        wanted = {ROW_TENSORS[name] for name in self.loss_inputs if name in ROW_TENSORS}
+        if self.reads_reference or self.sampling == "reward":
+            wanted.add("reference")
+        if self.keep == "positive_advantage" or self.sampling == "advantage":
+            wanted.add("advantage")
+        return ("sft", *(stage for stage in ("reference", "advantage") if stage in wanted))
+
+    def task_needs(self) -> list[tuple[str, str]]:
+        """(provision, description) the task must have: Task.provides() names the provisions."""
+        keys = ["ppo"] if self.trainer == "ppo" else [g for g in self.groups if g in TASK_NEEDS]
+        return [TASK_NEEDS[key] for key in keys]
+
+
+def algorithm(algo_cfg) -> Algorithm:
+    """The run's algorithm from its config group; a loss, parameter, keep or sampling the loop
+    cannot run stops here, before any stage, naming the key."""
+    name, trainer = algo_cfg.name, algo_cfg.trainer
+    if trainer not in TRAINERS:
+        raise ConfigError(f"algo {name}: trainer={trainer!r} is not one of {list(TRAINERS)}")
+    loss = algo_cfg.loss if trainer == "offline" else None
+    if trainer == "offline" and loss is None:
+        raise ConfigError(f"algo {name}: an offline algorithm names its loss (algo.loss, one of {sorted(LOSSES)})")
+    for key, allowed in (("keep", KEEP), ("sampling", SAMPLING)):
+        if algo_cfg[key] not in allowed:
+            raise ConfigError(f"algo {name}: {key}={algo_cfg[key]!r} is not one of {list(allowed)}")
+    params = dict(algo_cfg.params or {})
+    try:  # a typo or a zero clip range would otherwise stop the run at the first rl step, after sft
+        check_params(loss, params)
+    except ValueError as err:
+        raise ConfigError(f"algo {name}: {err}") from None
+    return Algorithm(name, trainer, loss, algo_cfg.keep, algo_cfg.sampling, params)
+
+
+def preflight(algorithm: Algorithm, task) -> None:
+    """Refuse, before any compute, an algorithm whose needs the task's data does not meet."""
+    provided = task.provides()
+    missing = [description for provision, description in algorithm.task_needs() if provision not in provided]
+    if missing:
+        raise ConfigError(f"{algorithm.name} needs {' and '.join(missing)}; task {task.name} has none")

@@ -1,0 +1,167 @@
+"""The offline step every offline stage runs (sft is it with the NLL loss): draw a batch
+(uniformly, as shuffled passes, or with replacement in proportion to a priority weight), one
+policy forward over its response groups, the algorithm's loss, one optimizer step. Reference
+log-probs come from the reference stage's cache; nothing here names an algorithm."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import get_scheduler
+
+from . import distributed
+from .data import RESPONSE, TokenizedRows, split_groups
+from .distributed import shard_rows
+from .logprobs import response_logprobs, to_device
+from .loop import Loop, Validation, guarded_update, run_loop
+from .models import autocast, make_optimizer
+from .tracking import MetricsLogger
+
+
+def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Rows `indices` of a ragged tensor stored as `flat` + `offsets` (N+1,), right-padded
+    with 0 to `width` (default: the longest of them)."""
+    lengths = offsets[indices + 1] - offsets[indices]
+    out = torch.zeros((len(indices), width or int(lengths.max())), dtype=flat.dtype)
+    for row, (start, length) in enumerate(zip(offsets[indices].tolist(), lengths.tolist())):
+        out[row, :length] = flat[start : start + length]
+    return out
+
+
+class BatchSource:
+    """Draws training batches over the kept rows: with replacement in proportion to
+    `weights` (priority sampling), uniformly (`weights` None), or as shuffled passes over the
+    data (`shuffle`). A batch holds the token ids of each response group, the cached
+    reference log-probs of each group (`ragged`, group-major like the ids) and per-row tensors.
+
+    With `length_buckets` k > 1, k batches are drawn at once, sorted by length, cut into k
+    batches and served in random order: each batch pads less, and the k batches hold exactly
+    the rows k plain draws would have held (the sampling distribution is unchanged)."""
+
+    def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
+                 weights: torch.Tensor | None, batch_size: int, seed: int, groups: Sequence[str] = (RESPONSE,),
+                 shuffle: bool = False, length_buckets: int = 1):
+        if len(keep) == 0:
+            raise ValueError("no train row left to train on (every row was dropped: A <= 0 for all of them)")
+        self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
+        self.keep = keep
+        self.weights = None if weights is None else weights[keep].double()
+        if self.weights is not None and not (self.weights > 0).any():
+            raise ValueError("every sampling weight is zero: no row to train on")
+        self.batch_size = batch_size
+        self.groups = list(groups)
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self.length_buckets = length_buckets
+        self._pending: list[torch.Tensor] = []
+        if length_buckets > 1:  # a row's padded width: its prompt plus its longest response group
+            self.lengths = torch.tensor([len(rows.prompt_ids[i]) + max(len(rows.group(g)[i]) for g in self.groups)
+                                         for i in range(len(rows))])
+
+    def _draw(self) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
+        if not self.shuffle:
+            return torch.randint(len(self.keep), (self.batch_size,), generator=self.generator)
+        while len(self._order) < self.batch_size:  # next shuffled pass, carried over across passes
+            self._order = torch.cat([self._order, torch.randperm(len(self.keep), generator=self.generator)])
+        picks, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return picks
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order, "pending": self._pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = state["order"]
+        self._pending = list(state["pending"])
+
+    def draw(self) -> torch.Tensor:
+        """The row indices of the next batch."""
+        if self.length_buckets <= 1:
+            return self.keep[self._draw()]
+        if not self._pending:
+            rows = self.keep[torch.cat([self._draw() for _ in range(self.length_buckets)])]
+            by_length = rows[torch.argsort(self.lengths[rows], stable=True)].split(self.batch_size)
+            self._pending = [by_length[i] for i in torch.randperm(len(by_length), generator=self.generator).tolist()]
+        return self._pending.pop()
+
+    def sample(self, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next batch, or process `rank`'s disjoint share of it when `world` processes train
+        on one global batch (every process draws the same batches: same seed, same sampler)."""
+        indices = shard_rows(self.draw(), rank, world)
+        batch = self.rows.batch(indices.tolist(), self.groups)
+        if self.ragged:
+            width = int(batch["response_lengths"].max())
+            batch["ref_logprobs"] = torch.cat([ragged_rows(*self.ragged[g], indices, width) for g in self.groups])
+        for name, tensor in self.row_tensors.items():
+            batch[name] = tensor[indices]
+        return indices, batch
+
+
+def call_loss(loss_fn: Callable, params: dict, tensors: dict[str, torch.Tensor]):
+    """Call a loss with the tensors its signature names (the loop knows no algorithm)."""
+    wanted = [p.name for p in inspect.signature(loss_fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        raise ValueError(f"loss {loss_fn.__name__} needs {missing}, which this run does not provide")
+    return loss_fn(**{name: tensors[name] for name in wanted}, **params)
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_start", "response_lengths", "ref_logprobs")
+
+
+def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], loss_fn: Callable, params: dict):
+    """One policy forward over every response group of the batch, then the loss."""
+    with autocast(batch["input_ids"].device):
+        logprobs, mask = response_logprobs(model, batch)
+    logprobs = logprobs.float()
+    per_token = {"logprobs": logprobs, "mask": mask}
+    if "ref_logprobs" in batch:
+        per_token["ref_logprobs"] = batch["ref_logprobs"]
+    batch_size = logprobs.shape[0] // len(groups)
+    tensors = split_groups(per_token, groups, batch_size)
+    tensors.update({k: v for k, v in batch.items() if k not in SEQUENCE_KEYS})
+    return call_loss(loss_fn, params, tensors)
+
+
+def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
+             metrics: MetricsLogger, validation: Validation | None = None, row_ids: Sequence[str] | None = None,
+             optimizer_name: str = "adamw", checkpoint=None) -> dict:
+    """`opt_cfg.steps` offline steps through the loop shell (loop.run_loop): validation and the
+    best checkpoint when `validation` is given, the loop state checkpointed every
+    `opt_cfg.checkpoint_interval` steps when `checkpoint` is. A non-finite loss or gradient
+    stops the run naming the step and the rows (by `row_ids`), unless `opt_cfg.skip_nonfinite`.
+
+    Under several processes each trains on its share of every global batch under DDP (the
+    gradient is the global batch's); the main process alone validates and checkpoints."""
+    optimizer = make_optimizer(model, opt_cfg, optimizer_name)
+    rank, world = distributed.rank(), distributed.world_size()
+    trained = distributed.data_parallel(model)  # the forward/backward; `model` itself for generation and saving
+    scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
+                              num_training_steps=opt_cfg.steps)
+    params = dict(loss_params)
+
+    def step(n: int) -> dict | None:
+        model.train()
+        indices, batch = source.sample(rank, world)
+        distributed.record_shard(stage, n, indices)
+        loss, loss_metrics = loss_on_batch(trained, to_device(batch, device), source.groups, loss_fn, params)
+
+        def failure(what: str, loss_value: float, grad_norm: float) -> str:
+            rows = [row_ids[i] for i in indices.tolist()] if row_ids is not None else indices.tolist()
+            return (f"{stage}: non-finite {what} at step {n} (loss {loss_value}, grad norm {grad_norm}) on train rows "
+                    f"{rows}; {stage}.skip_nonfinite=true skips such steps")
+
+        grad_norm = guarded_update(loss, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
+        scheduler.step()
+        return None if grad_norm is None else {"loss": loss, "grad_norm": grad_norm, **loss_metrics}
+
+    loop = Loop(stage=stage, steps=opt_cfg.steps, step=step, model=model, trainable=model, optimizer=optimizer,
+                scheduler=scheduler, metrics=metrics, log_interval=opt_cfg.log_interval, validation=validation,
+                checkpoint=checkpoint, checkpoint_interval=opt_cfg.get("checkpoint_interval", 0) if checkpoint else 0,
+                extra_state=source.state_dict, load_extra_state=source.load_state_dict, data_parallel=True)
+    return run_loop(loop)

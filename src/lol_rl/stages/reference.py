@@ -1,0 +1,97 @@
+"""Stage 3a: what pi_ref and the reward say of the logged data. For every train row: R(x, y)
+(the data's own reward, or the task's components), the rewards of a ranking's responses, and
+the per-token log-probs of each response group under pi_ref, computed once here so that
+training runs one policy forward per step. Every algorithm that reads a reward or the
+reference reads this artifact, so a sweep computes it once."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import artifacts
+from ..data import RESPONSE, encode_rows
+from ..logprobs import response_logprobs, to_device
+from ..models import load_policy
+from ..progress import progress_disabled
+from ..tasks import Task, data_reward
+from . import Stage, StageRun
+
+
+def train_rewards(task: Task, examples) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rewards given in the data are used as they are; otherwise the task's components score."""
+    if all(data_reward(e) is not None for e in examples):
+        return np.asarray([data_reward(e) for e in examples], dtype=np.float64), {}
+    return task.reward.score([e.prompt for e in examples], [e.response for e in examples], ids=[e.id for e in examples])
+
+
+def ranking_rewards(task: Task, examples) -> np.ndarray:
+    """R(x, y) of every ranked response (N, K), scored by the task's reward."""
+    n_ranked = len(examples[0].ranking)
+    prompts = [e.prompt for e in examples for _ in range(n_ranked)]
+    total, _ = task.reward.score(prompts, [r for e in examples for r in e.ranking],
+                                 ids=[e.id for e in examples for _ in range(n_ranked)])
+    return total.reshape(len(examples), n_ranked)
+
+
+def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPONSE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi_ref(y_i | x, y_<i) of one response group of every row, ragged:
+    flat (sum of lengths,) + offsets (N+1,)."""
+    responses = rows.group(group)
+    # length-sorted batches pad little; pieces go back to row order
+    order = sorted(range(len(rows)), key=lambda i: len(rows.prompt_ids[i]) + len(responses[i]))
+    pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"reference log-probs of {group}",
+                          disable=progress_disabled(), leave=False):
+            chunk = order[start : start + batch_size]
+            logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
+            for i, lp, m in zip(chunk, logprobs, mask):
+                pieces[i] = lp[m].float().cpu()
+    lengths = torch.tensor([len(p) for p in pieces])
+    return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
+def run(stage: StageRun) -> None:
+    cfg, task = stage.cfg, stage.task
+    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
+    model.eval()
+    examples = task.splits["train"]
+    rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    rewards, per_component = train_rewards(task, examples)
+    tensors = {"rewards": torch.from_numpy(rewards),
+               **{f"rewards/{name}": torch.from_numpy(np.asarray(values)) for name, values in per_component.items()}}
+    computed: list[str] = []  # a group whose ids equal an earlier one's (ranking/0 is often the response) reuses it
+    for group in rows.groups:  # the logged response, and the rejected / ranked ones where the task has them
+        same = next((g for g in computed if rows.group(g) == rows.group(group)), None)
+        if same is None:
+            tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
+                model, rows, cfg.advantage.batch_size, stage.device, group)
+        else:
+            tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = (
+                tensors[f"ref_logprobs/{same}"], tensors[f"ref_offsets/{same}"])
+        computed.append(group)
+    if task.reward is not None and all(e.ranking is not None for e in examples):
+        tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
+    torch.save(tensors, stage.out / artifacts.REFERENCE_TENSORS)
+
+
+def load(reference_dir, rows) -> dict[str, torch.Tensor]:
+    """The reference stage's tensors, checked against this run's tokenization of every group."""
+    tensors = torch.load(reference_dir / artifacts.REFERENCE_TENSORS, weights_only=True)
+    for group in rows.groups:
+        offsets = tensors.get(f"ref_offsets/{group}")
+        lengths = torch.tensor([len(r) for r in rows.group(group)])
+        if offsets is None or not torch.equal(offsets.diff(), lengths):
+            raise RuntimeError(f"{reference_dir}: cached reference log-probs of '{group}' do not match this tokenization")
+    return tensors
+
+
+STAGE = Stage(
+    name="reference",
+    reads=("task", "model", "reward"),
+    runtime=("advantage.batch_size",),  # rows per no-grad forward
+    inputs=lambda algorithm: ("sft",),
+    run=run,
+)
