@@ -12,7 +12,9 @@ the paper's tables report them.
 - a mapping `{name: <column>, use: <registered name or module:function>, **options}`, the options
   going to the registered factory, e.g. `{name: fluency, use: cola, model: /models/cola}`.
 Factories taking `device` get build_reward's; components with `fit` (TF-IDF) are fit on
-`fit_texts`, the train responses.
+`fit_texts`, the train responses; components with `fit_pairs` (the Bradley-Terry reward model)
+on `fit_pairs`, the train split's (prompt, chosen, rejected) triples, and report their pairwise
+accuracy on `held_out_pairs` (the validation split's) when given.
 """
 
 from __future__ import annotations
@@ -146,9 +148,12 @@ def make_component(spec: Any, use: str, options: dict[str, Any], name: str,
         raise RewardError(f"reward spec {spec!r}: {err}") from None
 
 
-def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | None = None) -> CompositeReward:
+def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | None = None,
+                 fit_pairs: Sequence[tuple[str, str, str]] | None = None,
+                 held_out_pairs: Sequence[tuple[str, str, str]] | None = None) -> CompositeReward:
     """The components a task's `rewards:` list names (see the module docstring), fit where they
-    need it. No model is loaded here: learned components load on their first call."""
+    need it. No model is loaded here, except by components fit on `fit_pairs`: the others load
+    on their first call."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -180,4 +185,10 @@ def build_reward(specs: Any, device: str = "auto", fit_texts: Sequence[str] | No
                 raise RewardError(f"reward component '{name}' must be fit on the train responses; "
                                   "build_reward got no fit_texts")
             scorer.fit(fit_texts)
+        if hasattr(scorer, "fit_pairs"):
+            if not fit_pairs:
+                raise RewardError(f"reward component '{name}' is fit on the train split's preference pairs "
+                                  "(prompt, chosen, rejected); build_reward got none (does the task's data "
+                                  "have rejected responses?)")
+            scorer.fit_pairs(fit_pairs, held_out=held_out_pairs or None)
     return CompositeReward(components)

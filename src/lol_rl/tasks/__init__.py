@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..rewards import CompositeReward, build_reward
+from ..rewards.preferences import preference_pairs
 from .base import FIT_TEXTS, DataError, Example, read_jsonl
 from .commonsense import load_commonsense
 from .hha import load_hha, parse_dialogue
@@ -182,11 +183,14 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
         _check_data_rewards(cfg.name, splits)
         return Task(cfg.name, splits, None, cfg.prompt_template, response_prefix=cfg.get("response_prefix", " "),
                     dialogue=dialogue)
-    reward = build_reward(specs, device=device, fit_texts=fit_texts)
+    # components with `fit_pairs` (a Bradley-Terry reward model) fit on the train pairs and
+    # report their accuracy on the validation pairs, which they never saw
+    pairs = dict(fit_pairs=preference_pairs(splits["train"]), held_out_pairs=preference_pairs(splits["validation"]))
+    reward = build_reward(specs, device=device, fit_texts=fit_texts, **pairs)
     eval_specs = cfg.get("eval_rewards")
     eval_reward = None
     if eval_specs and not reward_override:
-        eval_reward = build_reward(eval_specs, device=device, fit_texts=fit_texts)
+        eval_reward = build_reward(eval_specs, device=device, fit_texts=fit_texts, **pairs)
     return Task(cfg.name, splits, reward, cfg.prompt_template, eval_reward, cfg.get("response_prefix", " "),
                 dialogue=dialogue)
 
