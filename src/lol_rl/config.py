@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -234,8 +234,30 @@ class WowTask(TaskConfig):
     sizes: Sizes = field(default_factory=Sizes)
 
 
+@dataclass
+class HFSplits:
+    """The data's names of its splits; a validation or test split it lacks (or null) is carved from train."""
+
+    train: str = MISSING
+    validation: Optional[str] = MISSING
+    test: Optional[str] = MISSING
+
+
+@dataclass
+class HFTask(TaskConfig):
+    path: str = MISSING  # a data file (.jsonl/.json/.parquet/.csv, or .gz), a dataset dir, or a hub id (offline cache)
+    data_dir: Optional[str] = None  # a folder inside a hub dataset or dataset dir (hh-rlhf: helpful-base)
+    cache_dir: Optional[str] = None  # the datasets cache (null: the HF default)
+    split: HFSplits = field(default_factory=HFSplits)
+    columns: Dict[str, Optional[str]] = field(default_factory=dict)  # a name the loader reads -> the data's column
+    format: str = choice("auto", "scored", "preference", "unpaired", "conversational")
+    validation_fraction: float = ranged(**FRACTION)  # of the train rows, when the data has no validation split
+    test_fraction: float = ranged(**FRACTION)  # of the train rows, when the data has no test split
+    seed: int = MISSING  # of what is carved from train
+
+
 TASK_SCHEMAS = {"toy": ToyTask, "jsonl": JsonlTask, "hha": HHATask, "reddit": RedditTask,
-                "commonsense": CommonsenseTask, "wow": WowTask}
+                "commonsense": CommonsenseTask, "wow": WowTask, "hf": HFTask}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ..rewards import CompositeReward, build_reward
 from ..rewards.preferences import preference_pairs
 from .base import FIT_TEXTS, DataError, Example, read_jsonl
 from .commonsense import load_commonsense
+from .hf import PROMPT_MESSAGES, load_hf, prompt_turns
 from .hha import load_hha, parse_dialogue
 from .reddit import load_reddit
 from .toy import load_toy
@@ -160,6 +161,7 @@ LOADERS = {
     "reddit": load_reddit,
     "commonsense": load_commonsense,
     "wow": load_wow,
+    "hf": load_hf,
 }
 
 
@@ -176,6 +178,7 @@ def build_task(cfg, reward_override=None, device: str = "auto") -> Task:
     dialogue = _dialogue_parser(cfg)
     splits = loader(cfg)
     fit_texts = splits.pop(FIT_TEXTS, None)
+    dialogue = dialogue or prompt_turns(splits.pop(PROMPT_MESSAGES, None))  # prompts the data gave as messages
     splits = _check_splits(cfg.name, splits)
     fit_texts = fit_texts or [e.response for e in splits["train"]]
     specs = reward_override or cfg.get("rewards")

@@ -58,8 +58,13 @@ def _finite_reward(value: Any, where: str) -> float:
     return float(value)
 
 
-def parse_row(raw: Any, where: str, index: int) -> Example:
-    """Validate one decoded json object into an Example; `where` is 'file:line' for messages."""
+def parse_row(raw: Any, where: str, index: int | str, columns: dict[str, str] | None = None) -> Example:
+    """Validate one decoded json object into an Example; `where` is 'file:line' for messages.
+    `columns` names a key as the data has it, when the data named it otherwise (task=hf's
+    column mapping: {'prompt': 'question'} makes an empty prompt "key 'question' is empty")."""
+    def key_(key: str) -> str:
+        return (columns or {}).get(key, key)
+
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
@@ -68,33 +73,33 @@ def parse_row(raw: Any, where: str, index: int) -> Example:
                         "(anything else goes under 'meta')")
     for key in REQUIRED:
         if key not in raw:
-            raise DataError(f"{where}: missing key '{key}'")
+            raise DataError(f"{where}: missing key '{key_(key)}'")
         if not isinstance(raw[key], str):
-            raise DataError(f"{where}: key '{key}' must be a string, got {type(raw[key]).__name__}")
+            raise DataError(f"{where}: key '{key_(key)}' must be a string, got {type(raw[key]).__name__}")
         if not raw[key].strip():
-            raise DataError(f"{where}: key '{key}' is empty")
-    reward = _finite_reward(raw["reward"], f"{where}: key 'reward'") if "reward" in raw else None
+            raise DataError(f"{where}: key '{key_(key)}' is empty")
+    reward = _finite_reward(raw["reward"], f"{where}: key '{key_('reward')}'") if "reward" in raw else None
     rewards = None
     if "rewards" in raw:
         if not isinstance(raw["rewards"], dict) or not raw["rewards"]:
-            raise DataError(f"{where}: key 'rewards' must be a non-empty object of name: number")
-        rewards = {k: _finite_reward(v, f"{where}: key 'rewards.{k}'") for k, v in raw["rewards"].items()}
+            raise DataError(f"{where}: key '{key_('rewards')}' must be a non-empty object of name: number")
+        rewards = {k: _finite_reward(v, f"{where}: key '{key_('rewards')}.{k}'") for k, v in raw["rewards"].items()}
     rejected = raw.get("rejected")
     if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
-        raise DataError(f"{where}: key 'rejected' must be a non-empty string")
+        raise DataError(f"{where}: key '{key_('rejected')}' must be a non-empty string")
     ranking = raw.get("ranking")
     if ranking is not None and (
         not isinstance(ranking, list) or len(ranking) < 2
         or not all(isinstance(r, str) and r.strip() for r in ranking)
     ):
-        raise DataError(f"{where}: key 'ranking' must be a list of 2 or more non-empty strings")
+        raise DataError(f"{where}: key '{key_('ranking')}' must be a list of 2 or more non-empty strings")
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
-        raise DataError(f"{where}: key 'meta' must be an object")
+        raise DataError(f"{where}: key '{key_('meta')}' must be an object")
     row_id = raw.get("id", index)
     # ids key the advantage cache and the judge's pairs: `null` or an object would all read alike
     if isinstance(row_id, bool) or not isinstance(row_id, (str, int)) or not str(row_id).strip():
-        raise DataError(f"{where}: key 'id' must be a non-empty string or an integer, got {row_id!r}")
+        raise DataError(f"{where}: key '{key_('id')}' must be a non-empty string or an integer, got {row_id!r}")
     return Example(
         id=str(row_id), prompt=raw["prompt"], response=raw["response"],
         reward=reward, rewards=rewards, rejected=rejected, ranking=ranking, meta=meta,
