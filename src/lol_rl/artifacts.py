@@ -39,6 +39,11 @@ RUN_CONFIG = "config.yaml"  # the resolved config (step budgets from epochs incl
 RUN_EVAL = "eval.json"  # {"reference": metrics, "policy": metrics}; written before stages.json
 RUN_STAGES = "stages.json"  # stage label -> {dir, cached, seconds}; written last: the run is finished
 RUN_METRICS = "metrics.jsonl"  # every metric record of the run
+RUN_OVERRIDES = ".hydra/overrides.yaml"  # Hydra's copy of the command line's overrides (hydra.output_subdir)
+
+# an export (`lol-rl export`): a Hugging Face model dir (or base weights + adapter) and
+EXPORT_CARD = "README.md"  # the model card
+EXPORT_CONFIG = "lol_rl_config.yaml"  # the run's resolved config (its cache_dir left out)
 
 
 def read_json(path: Path):
@@ -69,3 +74,22 @@ def eval_metrics(eval_dir: Path) -> dict:
 
 def generations(eval_dir: Path) -> Path:
     return Path(eval_dir) / GENERATIONS
+
+
+def policy_dir(rl_dir: Path) -> Path:
+    return Path(rl_dir) / POLICY
+
+
+def best_checkpoint(rl_dir: Path) -> dict:
+    """{"step", "validation_reward"} of the policy the rl stage kept (reward None: no validation)."""
+    return read_json(Path(rl_dir) / BEST)
+
+
+def run_stages(run_dir: Path) -> dict[str, dict]:
+    """stage label -> {dir, cached, seconds} of a finished run."""
+    return read_json(Path(run_dir) / RUN_STAGES)
+
+
+def run_eval(run_dir: Path) -> dict:
+    """{"reference": test metrics of pi_ref, "policy": those of pi_theta}."""
+    return read_json(Path(run_dir) / RUN_EVAL)

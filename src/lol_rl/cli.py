@@ -11,6 +11,7 @@
     lol-rl train -m +experiment=toy_table2     # a paper table as a sweep (conf/experiment/)
     lol-rl report <sweep dir>                  # the paper's layout: tables (md, csv) and plots (png)
     lol-rl audit task=toy                      # the lowest-advantage train rows, the drop and its precision
+    lol-rl export <run dir> --out <dir>        # the trained policy as a Hugging Face model dir with a model card
 
 Configs live in conf/ at the repository root (config.yaml lists every key of train, judge.yaml
 of judge; `export` and `import` after `judge` are the same as mode=export / mode=import).
@@ -30,7 +31,7 @@ from .config import register as _register_schema
 
 CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
 _register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
-COMMANDS = ("train", "judge", "report", "audit")
+COMMANDS = ("train", "judge", "report", "audit", "export")
 JUDGE_MODES = ("export", "import")  # `lol-rl judge export ...`: sub-modes of one Hydra app
 
 
@@ -111,6 +112,11 @@ def main() -> None:
         from .report import main as report_main
 
         report_main(sys.argv[1:])
+        return
+    if command == "export":  # not a Hydra app either: it reads one finished run
+        from .export import main as export_main
+
+        export_main(sys.argv[1:])
         return
     if command in ("train", "audit"):
         share_output_dirs()
