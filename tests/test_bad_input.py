@@ -203,6 +203,12 @@ CASES = [
       ]),
     Case("config-unknown-model-key", "lol-rl: model.lora_r: Key 'lora_r' not in 'FromConfigModel'",
          overrides=("+model.lora_r=8",), error=ConfigError),
+    Case("config-longer-than-the-context", "lol-rl: model tiny: max_prompt_tokens + max_response_tokens = 148 exceeds "
+         "n_positions 128; lower one of them or raise model.n_positions", overrides=("model.max_prompt_tokens=100",),
+         error=ConfigError),
+    Case("config-generation-longer-than-the-context", "lol-rl: model tiny: max_prompt_tokens + generation.max_new_tokens"
+         " = 164 exceeds n_positions 128; lower one of them or raise model.n_positions",
+         overrides=("generation.max_new_tokens=100",), error=ConfigError),
     Case("config-value-heads", "lol-rl: value.heads=3 must divide model.n_embd=128", overrides=("value.heads=3",),
          error=ConfigError),
     # ---- the cache dir
@@ -320,10 +326,7 @@ SMALL_MODEL = ("model.n_layer=1", "model.n_embd=32", "model.n_head=2", "sft.batc
     (("model=gpt2", "model.path=no-such-org/no-such-model"),
      "lol-rl: model gpt2: cannot load the tokenizer of no-such-org/no-such-model (OSError: *); it must be a local "
      "directory or already in the offline Hugging Face cache (HF_HUB_OFFLINE=1)"),
-    (("model.max_prompt_tokens=100",),
-     "lol-rl: model tiny: max_prompt_tokens + max_response_tokens = 148 exceeds n_positions 128; lower one of them "
-     "or raise model.n_positions"),
-], ids=["policy-not-offline", "longer-than-the-context"])
+], ids=["policy-not-offline"])
 def test_a_model_that_cannot_run_stops_before_sft_computes(overrides, expected, tmp_path, sft_only):
     write_splits(tmp_path)
     line = failure_line(tmp_path, ModelError, *overrides)

@@ -193,8 +193,8 @@ def _run(pipeline, tmp_path, name, overrides):
 def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     pipeline, calls = stub_pipeline
     base = _run(pipeline, tmp_path, "base", [])
-    assert calls == ["sft", "reference", "value", "advantage", "rl", "eval", "eval"]
-    assert list(base) == ["sft", "reference", "value", "advantage", "rl", "eval_ref", "eval"]
+    assert calls == ["sft", "value", "reference", "advantage", "rl", "eval", "eval"]
+    assert list(base) == ["sft", "value", "reference", "advantage", "rl", "eval_ref", "eval"]
     assert not any(cached for _, cached in base.values())
     assert json.loads((tmp_path / "base" / "eval.json").read_text())["policy"]["n"] == 3
 

@@ -21,7 +21,7 @@ TINY = [
     "generation.max_new_tokens=16",
     "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "value.heads=2",
 ]
-STAGES = ["sft", "reference", "value", "advantage", "rl", "eval_ref", "eval"]
+STAGES = ["sft", "value", "reference", "advantage", "rl", "eval_ref", "eval"]
 
 
 def lol_rl(*args: str, cache: Path, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -46,8 +46,8 @@ def model(tokenizer):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int, max_prompt_tokens: int = 40) -> str:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -58,11 +58,35 @@ def greedy_alone(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
+def test_a_prompt_ten_times_the_context_is_cut_as_training_cuts_it(model, tokenizer, task):
+    """Generation keeps a prompt's last max_prompt_tokens tokens, the ids encode_rows trains on,
+    and never asks for more positions than the model has (64 here, 640-token prompts)."""
+    long_prompts = [" ".join([p] * 100) for p, _ in ROWS[:3]]
+    formatted = [task.format_prompt(p) for p in long_prompts]
+    assert min(len(tokenizer(f, add_special_tokens=False)["input_ids"]) for f in formatted) > 10 * 64
+    examples = [Example(id=str(i), prompt=p, response="ok") for i, p in enumerate(long_prompts)]
+    rows = encode_rows(tokenizer, task, examples, max_prompt_tokens=40, max_response_tokens=8)
+    assert rows.truncated_prompts == 3 and all(len(ids) == 40 for ids in rows.prompt_ids)
+    assert encode_prompts(tokenizer, task, long_prompts, 40) == rows.prompt_ids
+    got = generate(model, tokenizer, formatted, max_prompt_tokens=40, max_new_tokens=60, batch_size=2)
+    expected = []
+    for ids in rows.prompt_ids:  # plain greedy from the training ids, within the 64 positions
+        out = []
+        with torch.no_grad():
+            for _ in range(64 - 40):
+                nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt == tokenizer.eos_token_id:
+                    break
+        expected.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+    assert [g[0] for g in got] == expected
+
+
 def test_batched_greedy_equals_plain_greedy(model, tokenizer, task):
     prompts = [task.format_prompt(p) for p, _ in ROWS]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert len(set(lengths)) > 1  # batches really are padded
-    got = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    got = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=6, batch_size=3)
     assert [len(g) for g in got] == [1] * len(prompts)
     expected = [greedy_alone(model, tokenizer, p, 6) for p in prompts]
     assert len(set(expected)) > 1  # the check can tell prompts apart
@@ -73,7 +97,7 @@ def test_beam_search_and_repetition_penalty_reach_the_model(model, tokenizer, ta
     """The paper's small-task decoding (beam 2, penalty 2.5): each prompt alone, unpadded,
     through transformers' generate gives what the batched call gives."""
     prompts = [task.format_prompt(p) for p, _ in ROWS]
-    got = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, num_beams=2, repetition_penalty=2.5)
+    got = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=6, batch_size=2, num_beams=2, repetition_penalty=2.5)
     expected = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
@@ -82,15 +106,15 @@ def test_beam_search_and_repetition_penalty_reach_the_model(model, tokenizer, ta
                              eos_token_id=tokenizer.eos_token_id)
         expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert [g[0] for g in got] == expected
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    greedy = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=6, batch_size=2)
     assert [g[0] for g in got] != [g[0] for g in greedy]  # the settings change what is decoded
 
 
 def test_sampling_is_seeded(model, tokenizer, task):
     prompts = [task.format_prompt(p) for p, _ in ROWS]
-    a = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
-    b = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
-    c = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=8)
+    a = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
+    b = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=7)
+    c = generate(model, tokenizer, prompts, max_prompt_tokens=40, max_new_tokens=5, batch_size=2, do_sample=True, num_samples=3, seed=8)
     assert a == b
     assert a != c
     assert [len(row) for row in a] == [3] * len(prompts)

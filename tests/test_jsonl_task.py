@@ -74,3 +74,29 @@ def test_reward_names_a_user_scorer_by_import_path(tmp_path):
     results = json.loads((run_dir / "eval.json").read_text())
     assert 0.0 <= results["policy"]["reward"] <= 1.0
     assert list(results["policy"]["rewards"]) == ["examples.support.score:score"]
+
+
+def test_the_chain_runs_on_prompts_ten_times_longer_than_the_context_and_counts_the_cuts(tmp_path):
+    """Every stage cuts a prompt the one way (its last max_prompt_tokens tokens): sft, the value
+    samples, validation, eval; nothing overflows the tiny model's 128 positions, and each
+    artifact says how many prompts it cut."""
+    words = "please tell me about the weather and the sea and the mountains today".split()
+    long_prompt = " ".join(words[i % len(words)] + str(i % 7) for i in range(1500))  # >> 10 x 128 tokens
+    splits = {}
+    for split, n in (("train", 12), ("validation", 4), ("test", 4)):
+        rows = [{"id": f"{split}-{i}", "prompt": f"{i} {long_prompt}", "response": "Thank you, glad to help!",
+                 "reward": 1.0 + i % 2} for i in range(n)]
+        splits[split] = tmp_path / f"{split}.jsonl"
+        splits[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    proc = lol_rl("train", "task=jsonl", *(f"task.{s}={p}" for s, p in splits.items()), *SMALL, "reward=[polite]",
+                  f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    summary = lambda stage, name: json.loads((Path(stages[stage]["dir"]) / name).read_text())  # noqa: E731
+    assert summary("sft", "summary.json")["truncated_prompts"] == 12
+    assert summary("reference", "summary.json")["truncated_prompts"] == 12
+    assert summary("value", "report.json")["truncated_prompts"] == 4
+    assert summary("rl", "summary.json")["truncated_prompts"] == 12
+    assert summary("eval", "metrics.json")["truncated_prompts"] == 4
+    assert "eval: 4 of 4 prompts cut to their last max_prompt_tokens tokens" in proc.stdout + (run_dir / "cli.log").read_text()

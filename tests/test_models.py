@@ -189,8 +189,8 @@ def test_cli_chain_with_a_pretrained_model_and_lora(pretrained_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.kind=weird", "lol-rl: model.kind must be 'from_config' or 'pretrained', got 'weird'"),
-    ("task.variant=muddy", "lol-rl: task.variant must be one of ['clean', 'noisy'], got 'muddy'"),
+    ("model.kind=weird", "lol-rl: model.kind='weird' is not allowed; expected one of ['from_config', 'pretrained']"),
+    ("task.variant=muddy", "lol-rl: task.variant='muddy' is not allowed; expected one of ['noisy', 'clean']"),
 ])
 def test_a_bad_config_value_is_one_line(tmp_path, override, message):
     proc = lol_rl("train", override, "task.sizes.train=50", "task.sizes.validation=10", "task.sizes.test=10",

@@ -191,3 +191,16 @@ def test_report_names_a_broken_metrics_line_and_a_run_without_its_config(tmp_pat
     (tmp_path / "0" / "config.yaml").unlink()
     with pytest.raises(ReportError, match=r"0: has eval.json but no config.yaml"):
         write_report(tmp_path, tmp_path / "report")
+
+
+def test_the_report_says_when_a_method_never_beat_pi_ref(tmp_path):
+    for job, (algo, seed, best) in enumerate([("nll", 1, 0), ("nll", 2, 40), ("alol", 1, 60)]):
+        report_run(tmp_path, job, "toy", algo, seed, metrics(2.0), metrics(2.1))
+        rl = tmp_path / "cache" / f"rl-{job}"
+        rl.mkdir(parents=True)
+        (rl / "best.json").write_text(json.dumps({"step": best, "validation_reward": 1.0}))
+        stages = json.loads((tmp_path / str(job) / "stages.json").read_text())
+        (tmp_path / str(job) / "stages.json").write_text(json.dumps({**stages, "rl": {"dir": str(rl)}}))
+    text = format_markdown(build_sections(collect_runs(tmp_path)))
+    assert "`nll`: 1 of 2 seeds never beat pi_ref on validation (the policy kept is pi_ref itself, step 0)" in text
+    assert "`alol`:" not in text

@@ -109,6 +109,6 @@ def test_killed_ppo_resumes_from_its_last_checkpoint_to_the_uninterrupted_result
     monkeypatch.delenv("LOL_RL_KILL_AT")
     rerun = lol_rl("train", *ppo, f"hydra.run.dir={tmp_path / 'rerun'}", cache=cache)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
-    assert "rl: resuming from the checkpoint of update 8" in rerun.stdout + (tmp_path / "rerun" / "cli.log").read_text()
+    assert "rl: resuming from the checkpoint of step 8" in rerun.stdout + (tmp_path / "rerun" / "cli.log").read_text()
     assert json.loads((tmp_path / "rerun" / "eval.json").read_text()) == json.loads((tmp_path / "full" / "eval.json").read_text())
     assert artifacts(cache) == artifacts(tmp_path / "full-cache")

@@ -184,7 +184,8 @@ def test_greedy_generation_from_an_hh_prompt_is_english(smollm2):
     base, tokenizer, cfg = smollm2
     task = hha_task()
     task.use_chat_template(chat_renderer(cfg))
-    [[text]] = generate(base, tokenizer, [task.format_prompt(HH_PROMPT)], max_new_tokens=16, batch_size=1)
+    [[text]] = generate(base, tokenizer, [task.format_prompt(HH_PROMPT)], max_prompt_tokens=256, max_new_tokens=16,
+                      batch_size=1)
     words = text.split()
     assert words and all(w.isascii() for w in words), text
     assert "<|im" not in text

@@ -40,6 +40,8 @@ RUN_EVAL = "eval.json"  # {"reference": metrics, "policy": metrics}; written bef
 RUN_STAGES = "stages.json"  # stage label -> {dir, cached, seconds}; written last: the run is finished
 RUN_METRICS = "metrics.jsonl"  # every metric record of the run
 RUN_OVERRIDES = ".hydra/overrides.yaml"  # Hydra's copy of the command line's overrides (hydra.output_subdir)
+RUN_AUDIT = "audit.md"  # `lol-rl audit`: the table it printed
+RUN_AUDIT_ROWS = "audit.json"  # and its rows, with their text
 
 # an export (`lol-rl export`): a Hugging Face model dir (or base weights + adapter) and
 EXPORT_CARD = "README.md"  # the model card

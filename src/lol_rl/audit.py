@@ -95,11 +95,11 @@ def run_audit(cfg, run_dir: Path) -> dict:
     lowest = lowest_advantage(rows, cfg.audit.rows)
     examples = {e.id: e for e in chain.task.splits["train"]}
     table = format_audit(summary, lowest, examples, cfg.audit.text_width)
-    atomic_write_text(run_dir / "audit.md", table + "\n")
-    atomic_write_text(run_dir / "audit.json", json.dumps({"advantage_dir": str(advantage), **summary,
+    atomic_write_text(run_dir / artifacts.RUN_AUDIT, table + "\n")
+    atomic_write_text(run_dir / artifacts.RUN_AUDIT_ROWS, json.dumps({"advantage_dir": str(advantage), **summary,
                                                      "lowest": [{**r, "prompt": examples[r["id"]].prompt,
                                                                  "response": examples[r["id"]].response}
                                                                 for r in lowest]}, indent=2))
     print(table)
-    print(f"\n(written to {run_dir}/audit.md and audit.json; artifact {advantage})")
+    print(f"\n(written to {run_dir / artifacts.RUN_AUDIT} and {artifacts.RUN_AUDIT_ROWS}; artifact {advantage})")
     return summary

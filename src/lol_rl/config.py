@@ -418,6 +418,17 @@ def _schema_of(f: dataclasses.Field):
     return None
 
 
+def check_positions(model: DictConfig, max_new_tokens: int) -> None:
+    """A from-config model has `n_positions`: a training row (prompt + response) or a generation
+    (prompt + new tokens) longer than that would fail inside a forward as an index error."""
+    for what, length in (("max_response_tokens", model.max_response_tokens),
+                         ("generation.max_new_tokens", max_new_tokens)):
+        longest = model.max_prompt_tokens + length
+        if longest > model.n_positions:
+            raise ConfigError(f"model {model.name}: max_prompt_tokens + {what} = {longest} exceeds n_positions "
+                              f"{model.n_positions}; lower one of them or raise model.n_positions")
+
+
 def device_ok(device: str) -> bool:
     head, _, index = device.partition(":")
     return device in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit())
@@ -447,6 +458,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if resolved.algo.trainer == "ppo":
         params = _typed(PPOParams, resolved.algo.params, "algo.params")
         _check_values(PPOParams, params, "algo.params")
+    if resolved.model.kind == "from_config":
+        check_positions(resolved.model, resolved.generation.max_new_tokens)
     if resolved.value.heads and resolved.model.kind == "from_config" and resolved.model.n_embd % resolved.value.heads:
         raise ConfigError(f"value.heads={resolved.value.heads} must divide model.n_embd={resolved.model.n_embd}")
     return resolved

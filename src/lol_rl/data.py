@@ -7,6 +7,7 @@ loss needs along the batch axis, so all of them go through the policy in one for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ import torch
 
 from .logprobs import pad_batch
 from .tasks import Example, Task
+
+log = logging.getLogger(__name__)
 
 RESPONSE = "response"
 REJECTED = "rejected"
@@ -76,10 +79,39 @@ def split_groups(tensors: dict[str, torch.Tensor], groups: Sequence[str], batch_
     return out
 
 
+def truncate_prompt(ids: Sequence[int], max_prompt_tokens: int) -> list[int]:
+    """The one truncation rule for a prompt, everywhere (training, value samples, validation,
+    eval, PPO rollouts): keep its last `max_prompt_tokens` tokens, the latest turns (the paper's)."""
+    return list(ids[-max_prompt_tokens:])
+
+
+def prompt_ids(tokenizer, formatted_prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of already formatted prompts, each cut by `truncate_prompt`."""
+    ids = tokenizer(list(formatted_prompts), add_special_tokens=False)["input_ids"]
+    return [truncate_prompt(row, max_prompt_tokens) for row in ids]
+
+
+def count_cut_prompts(tokenizer, formatted_prompts: Sequence[str], max_prompt_tokens: int) -> int:
+    """How many of the prompts `truncate_prompt` cuts."""
+    ids = tokenizer(list(formatted_prompts), add_special_tokens=False)["input_ids"]
+    return sum(len(row) > max_prompt_tokens for row in ids)
+
+
+def cut_counts(stage: str, rows: int, prompts: int, responses: int | None = None) -> dict:
+    """The truncation record of a stage, logged (silently cut prompts make a model look worse
+    than it is) and returned for the artifact's summary."""
+    record = {"rows": rows, "truncated_prompts": prompts}
+    what = f"{prompts} of {rows} prompts cut to their last max_prompt_tokens tokens"
+    if responses is not None:
+        record["truncated_responses"] = responses
+        what += f", {responses} responses cut to max_response_tokens"
+    (log.warning if prompts or responses else log.info)("%s: %s", stage, what)
+    return record
+
+
 def encode_prompts(tokenizer, task: Task, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Formatted prompt ids, truncated from the left (the paper keeps the latest turns)."""
-    ids = tokenizer([task.format_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
-    return [row[-max_prompt_tokens:] for row in ids]
+    """Formatted prompt ids, truncated from the left (`truncate_prompt`)."""
+    return prompt_ids(tokenizer, [task.format_prompt(p) for p in prompts], max_prompt_tokens)
 
 
 def _encode_responses(tokenizer, texts: Sequence[str], max_response_tokens: int, prefix: str) -> tuple[list[list[int]], int]:
@@ -100,7 +132,7 @@ def encode_rows(tokenizer, task: Task, examples: Sequence[Example], max_prompt_t
         for k in range(len(examples[0].ranking)):
             extra[f"{RANKING}/{k}"], _ = _encode_responses(tokenizer, [e.ranking[k] for e in examples], max_response_tokens, task.response_prefix)
     return TokenizedRows(
-        prompt_ids=[p[-max_prompt_tokens:] for p in full_prompts],
+        prompt_ids=[truncate_prompt(p, max_prompt_tokens) for p in full_prompts],
         response_ids=responses,
         pad_id=tokenizer.pad_token_id,
         truncated_prompts=sum(len(p) > max_prompt_tokens for p in full_prompts),

@@ -1,13 +1,20 @@
-"""Batched generation: left padding, the KV cache, length-sorted batches."""
+"""Batched generation: left padding, the KV cache, length-sorted batches; prompts cut by the
+one truncation rule (data.truncate_prompt), and never more new tokens than the model has
+positions for."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .data import prompt_ids
+from .logprobs import pad_batch
 from .progress import progress_disabled
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -16,6 +23,7 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     *,
+    max_prompt_tokens: int,
     max_new_tokens: int,
     batch_size: int,
     do_sample: bool = False,
@@ -26,18 +34,20 @@ def generate(
     repetition_penalty: float = 1.0,
     desc: str = "generate",
 ) -> list[list[str]]:
-    """`num_samples` responses per formatted prompt: sampled, or greedy / beam search
-    (`num_beams`, `repetition_penalty`: the paper's small tasks decode with beam 2, penalty 2.5)."""
+    """`num_samples` responses per formatted prompt, each prompt cut to its last
+    `max_prompt_tokens` tokens: sampled, or greedy / beam search (`num_beams`,
+    `repetition_penalty`: the paper's small tasks decode with beam 2, penalty 2.5)."""
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
+    max_new_tokens = new_token_budget(model, max_prompt_tokens, max_new_tokens)
     generator_seed = torch.Generator().manual_seed(seed)
     # sort by length so each batch pads little; results are put back in prompt order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[str]] = [[] for _ in prompts]
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=progress_disabled(), leave=False):
         chunk = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = prompt_ids(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens)
+        enc = pad_batch(ids, [[] for _ in ids], tokenizer.pad_token_id, side="left")
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
         sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else
                     {"do_sample": False, "num_beams": num_beams, "repetition_penalty": repetition_penalty})
@@ -56,9 +66,23 @@ def generate(
     return outputs
 
 
+def new_token_budget(model, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """`max_new_tokens`, less what would run past the model's positions after the longest prompt."""
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is None or max_prompt_tokens + max_new_tokens <= positions:
+        return max_new_tokens
+    if positions <= max_prompt_tokens:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room to generate in the model's "
+                         f"{positions} positions")
+    log.warning("generation: %d new tokens after a %d-token prompt exceed the model's %d positions; generating %d",
+                max_new_tokens, max_prompt_tokens, positions, positions - max_prompt_tokens)
+    return positions - max_prompt_tokens
+
+
 def generate_with_config(model, tokenizer, formatted_prompts: Sequence[str], cfg, **kwargs) -> list[list[str]]:
     """`generate` with the run's `generation` settings (validation, eval, value samples; the
     beam settings apply to greedy decoding only)."""
-    return generate(model, tokenizer, formatted_prompts, max_new_tokens=cfg.generation.max_new_tokens,
+    return generate(model, tokenizer, formatted_prompts, max_prompt_tokens=cfg.model.max_prompt_tokens,
+                    max_new_tokens=cfg.generation.max_new_tokens,
                     batch_size=cfg.generation.batch_size, num_beams=cfg.generation.num_beams,
                     repetition_penalty=cfg.generation.repetition_penalty, **kwargs)

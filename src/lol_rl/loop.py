@@ -29,6 +29,7 @@ from .faults import kill_point
 from .files import atomic_write_text
 from .models import save_policy
 from .progress import progress_disabled
+from .rewards import RewardError
 from .tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,12 @@ def _log_record(loop: Loop, step: int, started: float, first: int) -> dict:
 
 
 def _validate(loop: Loop, step: int) -> None:
-    score, details = loop.validation.score(loop.model)
+    devices = list(range(torch.cuda.device_count()))
+    try:  # generation seeds its own batches: the loop's RNG (PPO's rollouts, dropout) goes on as if it had not run
+        with torch.random.fork_rng(devices=devices):
+            score, details = loop.validation.score(loop.model)
+    except RewardError as err:  # say where: the same scorer also runs in the value stage, eval, PPO rollouts
+        raise RewardError(f"{loop.stage} validation at step {step}: {err}") from None
     loop.metrics.log(f"{loop.stage}/validation", step, reward=score, **details)
     if score > loop.state["best"]["score"]:
         loop.state["best"] = {"score": score, "step": step}

@@ -207,16 +207,15 @@ def chat_renderer(model_cfg):
     return render
 
 
-def _check_context(model_cfg, limit: int | None, remedy: str) -> bool:
-    """Whether the longest row (prompt + response budgets) fits the model's positions."""
+def _check_context(model_cfg, limit: int | None) -> bool:
+    """Whether the longest row (prompt + response budgets) fits a pretrained model's positions; a
+    warning if not, since a budget is a cap and the data's rows may all be shorter (a model built
+    from config is checked by config.check_positions, before any stage)."""
     longest = model_cfg.max_prompt_tokens + model_cfg.max_response_tokens
     if limit is None or longest <= limit:
         return True
-    message = (f"model {model_cfg.name}: max_prompt_tokens + max_response_tokens = {longest} exceeds "
-               f"{remedy}")
-    if model_cfg.kind == "from_config":  # a longer row would fail inside the first forward, as an index error
-        raise ModelError(message)
-    log.warning(message)  # a budget is a cap: rows of a pretrained model's data may all be shorter
+    log.warning(f"model {model_cfg.name}: max_prompt_tokens + max_response_tokens = {longest} exceeds the model's "
+                f"{limit} positions; rows that long will be wrong")
     return False
 
 
@@ -269,8 +268,6 @@ def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None 
     `model.sft_adapter`, as the paper's HHA reference policy is)."""
     device = device or torch.device("cpu")
     if model_cfg.kind == "from_config":
-        _check_context(model_cfg, model_cfg.n_positions, f"n_positions {model_cfg.n_positions}; lower one of "
-                                                        f"them or raise model.n_positions")
         tokenizer = train_tokenizer(texts, model_cfg.vocab_size)
         model = build_from_config(model_cfg, tokenizer).to(device)
     elif model_cfg.kind == "pretrained":
@@ -278,7 +275,7 @@ def initial_policy(model_cfg, texts: Iterable[str], device: torch.device | None 
         tokenizer = load_tokenizer(base, model_cfg)
         model = load_base(base, model_cfg, device)
         positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions too (an alias)
-        _check_context(model_cfg, positions, f"the model's {positions} positions; rows that long will be wrong")
+        _check_context(model_cfg, positions)
     else:
         raise ModelError(f"model.kind must be 'from_config' or 'pretrained', got {model_cfg.kind!r}")
     if model_cfg.get("sft_adapter"):

@@ -92,11 +92,20 @@ class Chain:
     device: torch.device
     built: dict[str, tuple[Path, str]] = field(default_factory=dict)  # name -> (artifact dir, key)
 
+    def needs(self, name: str) -> set[str]:
+        """`name` and every stage it reads, transitively."""
+        return {name}.union(*(self.needs(upstream) for upstream in BY_NAME[name].inputs(self.algorithm)))
+
     def build(self, name: str) -> Path:
-        if name in self.built:
-            return self.built[name][0]
-        stage = BY_NAME[name]
-        inputs = {upstream: self.build(upstream) for upstream in stage.inputs(self.algorithm)}
+        """The artifact of `name`, after whatever it reads, in the order STAGES lists them."""
+        for stage in STAGES:
+            if stage.name in self.needs(name) and stage.name not in self.built:
+                self._build(BY_NAME[stage.name])
+        return self.built[name][0]
+
+    def _build(self, stage: Stage) -> None:
+        name = stage.name
+        inputs = {upstream: self.built[upstream][0] for upstream in stage.inputs(self.algorithm)}
         if stage.resolve is not None:
             self.cfg = stage.resolve(self.cfg, self.task, inputs)
         parts = key_parts(stage, self.cfg, self.task.fingerprint(),
@@ -110,7 +119,6 @@ class Chain:
         path = self.cache.stage(stage.folder, parts, run, label=name, resumable=stage.resumable,
                                 parallel=stage.parallel(self.algorithm))
         self.built[name] = (path, path.name)
-        return path
 
 
 def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:

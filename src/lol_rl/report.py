@@ -87,8 +87,16 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
         runs.append({"algo": cfg.algo.name, "task": OmegaConf.select(cfg, "task.name", default="task"),
                      "seed": cfg.seed, "paper": OmegaConf.select(cfg, "paper", default=None),
                      "overrides": overrides, "run_dir": run_dir, "stages": stages,
-                     "reference_key": stages["eval_ref"]["dir"], **results})
+                     "reference_key": stages["eval_ref"]["dir"], "best_step": best_step(run_dir, stages), **results})
     return label_runs(runs)
+
+
+def best_step(run_dir: Path, stages: dict) -> int | None:
+    """The step of the checkpoint a run kept (0: pi_ref itself won validation), when its rl
+    artifact is still there to say."""
+    artifact = resolve_stage_dir(run_dir, stages["rl"]["dir"]) if "rl" in stages else None
+    best = artifact / artifacts.BEST if artifact is not None else None
+    return _read_json(best)["step"] if best is not None and best.is_file() else None
 
 
 def run_label(algo: str, overrides: list[str]) -> str:
@@ -202,6 +210,7 @@ class Section:
     rows: list[TableRow]
     published: PublishedTable | None
     shared: list[str]
+    never_beat_reference: dict[str, tuple[int, int]]  # name -> (seeds that kept pi_ref, seeds)
 
     @property
     def reward_scale(self) -> float:
@@ -254,7 +263,16 @@ def build_section(task: str, runs: list[dict]) -> Section:
         last_of_algo = i + 1 == len(names) or names[i + 1].split()[0] != algo
         if published and last_of_algo and (paper := published_row(published, algo, algo)):
             rows.append(paper)
-    return Section(task, columns, rows, published, shared_overrides(runs))
+    return Section(task, columns, rows, published, shared_overrides(runs), kept_reference(runs))
+
+
+def kept_reference(runs: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per row name, how many of its seeds kept pi_ref: no checkpoint beat it on validation."""
+    counts: dict[str, tuple[int, int]] = {}
+    for run in runs:
+        kept, seeds = counts.get(run["name"], (0, 0))
+        counts[run["name"]] = (kept + (run.get("best_step") == 0), seeds + 1)
+    return {name: count for name, count in counts.items() if count[0]}
 
 
 def build_sections(runs: list[dict]) -> list[Section]:
@@ -287,6 +305,9 @@ def format_section(section: Section) -> str:
          *(format_cell(*row.cells.get(c.key, (None, None)), column_digits(c, section.reward_scale), row.source)
            for c in section.columns)]
         for row in section.rows]))
+    for name, (kept, seeds) in section.never_beat_reference.items():
+        lines += ["", f"`{name}`: {kept} of {seeds} seeds never beat pi_ref on validation (the policy kept is "
+                      f"pi_ref itself, step 0)"]
     if section.published:
         lines += ["", f"(paper) rows: Baheti et al. 2024, {section.published.source}, as in src/lol_rl/published.py."]
         if section.published.reward_scale != 1:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .data import count_cut_prompts, cut_counts
 from .generate import generate_with_config
 from .rewards import CompositeReward
 from .tables import markdown_table
@@ -53,6 +54,7 @@ def validation_scorer(task: Task, tokenizer, cfg) -> Callable | None:
         return None
     examples = task.splits["validation"][: cfg.rl.val_prompts]
     formatted = [task.format_prompt(e.prompt) for e in examples]
+    cut_counts("validation", len(examples), count_cut_prompts(tokenizer, formatted, cfg.model.max_prompt_tokens))
 
     def score(model) -> tuple[float, dict]:
         responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg)]

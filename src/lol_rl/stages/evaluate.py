@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import artifacts
 from ..faults import kill_point
+from ..data import count_cut_prompts, cut_counts
 from ..generate import generate_with_config
 from ..models import load_policy
 from ..scoring import score_generations
@@ -21,6 +22,8 @@ def evaluate(stage: StageRun, policy_dir: Path) -> None:
     formatted = [task.format_prompt(e.prompt) for e in examples]
     responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval")]
     scores, total, per_component = score_generations(task.test_reward, examples, responses)
+    scores.update(cut_counts("eval", len(examples),
+                             count_cut_prompts(tokenizer, formatted, cfg.model.max_prompt_tokens)))
     kill_point("eval:generated")
     with (out / artifacts.GENERATIONS).open("w", encoding="utf-8") as f:
         for i, (example, response) in enumerate(zip(examples, responses)):

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from transformers import get_scheduler
 
 from .. import artifacts
-from ..data import encode_rows
+from ..data import cut_counts, encode_rows
 from ..logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
 from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_policy, run_loop
 from ..losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
@@ -270,5 +270,5 @@ def run(stage: StageRun) -> None:
                             extra_state=extra_state, load_extra_state=load_extra_state))
     (out / artifacts.CHECKPOINT).unlink(missing_ok=True)
     summary.update(optimizer_steps=updates * steps_per_update, sequences=updates * cfg.rl.batch_size,
-                   rollout_seconds=online["rollout_seconds"])
+                   rollout_seconds=online["rollout_seconds"], **cut_counts("rl (ppo)", len(rows), rows.truncated_prompts))
     (out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -6,12 +6,14 @@ reference reads this artifact, so a sweep computes it once."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import artifacts
-from ..data import RESPONSE, encode_rows
+from ..data import RESPONSE, cut_counts, encode_rows
 from ..logprobs import response_logprobs, to_device
 from ..models import load_policy
 from ..progress import progress_disabled
@@ -75,6 +77,8 @@ def run(stage: StageRun) -> None:
     if task.reward is not None and all(e.ranking is not None for e in examples):
         tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
     torch.save(tensors, stage.out / artifacts.REFERENCE_TENSORS)
+    summary = cut_counts("reference", len(rows), rows.truncated_prompts, rows.truncated_responses)
+    (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
 def load(reference_dir, rows) -> dict[str, torch.Tensor]:

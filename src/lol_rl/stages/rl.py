@@ -12,7 +12,7 @@ import torch
 
 from .. import artifacts, distributed
 from ..algorithms import algorithm
-from ..data import encode_rows
+from ..data import cut_counts, encode_rows
 from ..loop import Validation, best_policy_saver, recover_policy
 from ..losses import LOSSES
 from ..models import add_adapter, load_policy
@@ -76,7 +76,8 @@ def run_offline(stage: StageRun) -> None:
     if validation is None:  # no scorer to choose a checkpoint by: the last step is the policy
         log.info("rl: the task has no reward scorer, so the last step is kept (no validation)")
         save_best(cfg.rl.steps, None)
-    summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows))
+    summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows),
+                   **cut_counts("rl", len(rows), rows.truncated_prompts, rows.truncated_responses))
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
 
 

@@ -8,7 +8,7 @@ import json
 import torch
 
 from .. import artifacts, distributed
-from ..data import encode_rows
+from ..data import cut_counts, encode_rows
 from ..losses import nll
 from ..models import initial_policy, save_reference
 from ..offline import BatchSource, optimize
@@ -31,7 +31,7 @@ def run(stage: StageRun) -> None:
         return
     (stage.out / artifacts.CHECKPOINT).unlink(missing_ok=True)  # the finished artifact needs no loop state
     save_reference(model, tokenizer, stage.out, cfg.model)
-    summary.update(truncated_prompts=rows.truncated_prompts, truncated_responses=rows.truncated_responses)
+    summary.update(cut_counts("sft", len(rows), rows.truncated_prompts, rows.truncated_responses))
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import artifacts
-from ..data import encode_prompts
+from ..data import count_cut_prompts, cut_counts, encode_prompts
 from ..generate import generate_with_config
 from ..models import load_policy
 from ..tasks import data_reward
@@ -65,6 +65,8 @@ def run(stage: StageRun) -> None:
                      init_value=float(targets[~heldout[prompt_index]].mean()), min_value=low)
     report = fit_value_head(head, states, mask, targets, prompt_index, heldout, epochs=cfg.value.epochs,
                             batch_size=cfg.value.batch_size, lr=cfg.value.lr, seed=cfg.value.seed)
+    cut = count_cut_prompts(tokenizer, [task.format_prompt(p) for p in prompts], cfg.model.max_prompt_tokens)
+    report.update(cut_counts("value", len(prompts), cut))
     report.update(samples_per_prompt=k, prompts=len(prompts), mean_sample_reward=float(targets.mean()),
                   mean_sample_rewards={n: float(v.mean()) for n, v in per_component.items()},
                   targets="pi_ref samples scored by the task reward" if task.reward is not None

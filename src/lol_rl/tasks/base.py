@@ -135,12 +135,6 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
-def write_jsonl(path: str | Path, examples: list[Example]) -> None:
-    with Path(path).open("w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
-
-
 def json_lines(path) -> Iterator[tuple[str, int, Any]]:
     """('file:line', row index, decoded object) for each non-blank line of a JSON-lines file."""
     path = Path(path)
