@@ -211,6 +211,12 @@ CASES = [
          overrides=("generation.max_new_tokens=100",), error=ConfigError),
     Case("config-value-heads", "lol-rl: value.heads=3 must divide model.n_embd=128", overrides=("value.heads=3",),
          error=ConfigError),
+    Case("reward-beyond-float32", "lol-rl: {tmp}/train.jsonl:2: key 'reward': reward 1e+300 is beyond float32's "
+         "range (|reward| <= 3.403e+38)", bad_row({"prompt": "x", "response": "y", "reward": 1e300})),
+    Case("one-validation-row", "lol-rl: task jsonl: the value stage fits V(x) on some validation prompts and chooses "
+         "its epoch on the others (value.heldout_fraction), so it needs at least 2 validation rows; split "
+         "'validation' has 1", rows("validation", [{"prompt": "x", "response": "y", "reward": 1.0}]),
+         error=ConfigError),
     # ---- the cache dir
     Case("cache-dir-is-a-file", f"lol-rl: cache_dir {{tmp}}/cache is a file, not a directory; {WRITABLE}",
          lambda tmp: (tmp / "cache").write_text("not a dir"), error=CacheError),

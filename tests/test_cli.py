@@ -56,6 +56,15 @@ def second_run(workspace, first_run):
     return run_dir, proc
 
 
+def test_version_and_help_exit_zero(tmp_path):
+    from importlib.metadata import version
+
+    assert lol_rl("--version", cache=tmp_path).stdout.strip() == f"lol-rl {version('lol-rl')}"
+    for flag in ("-h", "--help"):
+        proc = lol_rl(flag, cache=tmp_path)
+        assert proc.returncode == 0 and "commands: train" in proc.stdout
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -75,6 +84,8 @@ def test_first_run_outputs(first_run, workspace):
         assert m["n"] == 40  # the whole test split
     # the reference row and the policy row are both in the printed table
     assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert f"run dir: {run_dir}" in proc.stdout and f"policy:  {stages['rl']['dir']}/policy" in proc.stdout
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = {}

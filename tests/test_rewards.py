@@ -483,3 +483,33 @@ def test_tfidf_needs_fitting():
         TfidfDiversity()(["p"], ["the cat"])
     with pytest.raises(RewardError, match="cannot fit"):
         TfidfDiversity().fit(["a", "b"])
+
+
+def _reverses(prompts, responses):
+    responses.reverse()
+    return [0.5] * len(responses)
+
+
+def _exits(prompts, responses):
+    import sys
+
+    sys.exit(3)
+
+
+@pytest.mark.parametrize("scorer, message", [
+    (_reverses, "reward component 'c' raised AttributeError('tuple' object has no attribute 'reverse') on a batch "
+                "of 2 (it gets tuples of the prompts and responses, to read, not to change)"),
+    (_exits, "reward component 'c' raised SystemExit(3) on a batch of 2 (it gets tuples of the prompts and "
+             "responses, to read, not to change)"),
+    (lambda p, r: (0.5 for _ in r), "reward component 'c' returned a generator, expected a list or array of 2 "
+                                    "numbers, one per response, in order"),
+    (lambda p, r: {"a": 0.5, "b": 0.5}, "reward component 'c' returned a dict, expected a list or array of 2 "
+                                        "numbers, one per response, in order"),
+    (lambda p, r: ["high", "low"], "reward component 'c' returned values that are not numbers (could not convert "
+                                   "string to float: 'high')"),
+])
+def test_a_misbehaving_scorer_is_one_line_naming_it(scorer, message):
+    with pytest.raises(RewardError) as err:
+        CompositeReward({"c": scorer}).score(["p1", "p2"], ["r1", "r2"])
+    assert str(err.value) == message
+

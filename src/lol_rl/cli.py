@@ -93,6 +93,15 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if len(sys.argv) == 2 and sys.argv[1] == "--version":
+        from importlib.metadata import version
+
+        print(f"lol-rl {version('lol-rl')}")
+        return
+    if len(sys.argv) == 2 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}; `lol-rl <command> --help` for each")
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr)
         print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)

@@ -93,8 +93,7 @@ class Chain:
     built: dict[str, tuple[Path, str]] = field(default_factory=dict)  # name -> (artifact dir, key)
 
     def needs(self, name: str) -> set[str]:
-        """`name` and every stage it reads, transitively."""
-        return {name}.union(*(self.needs(upstream) for upstream in BY_NAME[name].inputs(self.algorithm)))
+        return stages_needed(name, self.algorithm)
 
     def build(self, name: str) -> Path:
         """The artifact of `name`, after whatever it reads, in the order STAGES lists them."""
@@ -119,6 +118,11 @@ class Chain:
         path = self.cache.stage(stage.folder, parts, run, label=name, resumable=stage.resumable,
                                 parallel=stage.parallel(self.algorithm))
         self.built[name] = (path, path.name)
+
+
+def stages_needed(name: str, algorithm: Algorithm) -> set[str]:
+    """`name` and every stage it reads, transitively."""
+    return {name}.union(*(stages_needed(upstream, algorithm) for upstream in BY_NAME[name].inputs(algorithm)))
 
 
 def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
@@ -156,8 +160,18 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "sft", train_rows)
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
+    check_split_sizes(task, algo)
     metrics = MetricsLogger(metrics_path, enabled=distributed.is_main(), **tracking)
     return Chain(cfg, task, algo, StageCache(cfg.cache_dir), metrics, device)
+
+
+def check_split_sizes(task: Task, algo: Algorithm) -> None:
+    """The smallest splits the stages a run builds can work with, checked before the first."""
+    validation = len(task.splits["validation"])
+    if "value" in stages_needed("rl", algo) and validation < 2:  # some prompts to choose V's epoch on, some to fit it on
+        raise ConfigError(f"task {task.name}: the value stage fits V(x) on some validation prompts and "
+                          f"chooses its epoch on the others (value.heldout_fraction), so it needs at least 2 "
+                          f"validation rows; split 'validation' has {validation}")
 
 
 def run_train(cfg, run_dir: Path) -> dict:
@@ -177,4 +191,6 @@ def run_train(cfg, run_dir: Path) -> dict:
     atomic_write_text(run_dir / artifacts.RUN_EVAL, json.dumps(results, indent=2))
     atomic_write_text(run_dir / artifacts.RUN_STAGES, json.dumps(chain.cache.timings, indent=2))
     print(format_results({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
+    print(f"\nrun dir: {run_dir}\npolicy:  {chain.build('rl') / artifacts.POLICY}\n"
+          f"export:  lol-rl export {run_dir} --out <dir>")
     return results

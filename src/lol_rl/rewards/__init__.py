@@ -48,8 +48,9 @@ class CompositeReward:
         self, prompts: Sequence[str], responses: Sequence[str], ids: Sequence[str] | None = None
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         per_component = {}
+        prompts, responses = tuple(prompts), tuple(responses)  # a scorer cannot reorder what the others see
         for name, scorer in self.components.items():
-            values = np.asarray(scorer(prompts, responses), dtype=np.float64)
+            values = _call_scorer(name, scorer, prompts, responses)
             if values.shape != (len(prompts),):
                 raise RewardError(f"reward component '{name}' returned shape {values.shape}, expected ({len(prompts)},)")
             low, high = component_range(name, scorer)
@@ -80,6 +81,25 @@ class CompositeReward:
     def min_total(self) -> float:
         """Lower bound of R (0 unless a component declares a negative `min_value`)."""
         return float(sum(component_range(name, scorer)[0] for name, scorer in self.components.items()))
+
+
+def _call_scorer(name: str, scorer: Scorer, prompts: tuple[str, ...], responses: tuple[str, ...]) -> np.ndarray:
+    """One component's scores as float64, or one line naming the component: its code is the user's."""
+    try:
+        values = scorer(prompts, responses)
+    except RewardError:
+        raise
+    except (Exception, SystemExit) as err:  # SystemExit too: a scorer's sys.exit must not end the run unexplained
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise RewardError(f"reward component '{name}' raised {type(err).__name__}({detail}) on a batch of "
+                          f"{len(prompts)} (it gets tuples of the prompts and responses, to read, not to change)") from None
+    if isinstance(values, (Mapping, str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardError(f"reward component '{name}' returned a {type(values).__name__}, expected a list or "
+                          f"array of {len(prompts)} numbers, one per response, in order")
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise RewardError(f"reward component '{name}' returned values that are not numbers ({err})") from None
 
 
 def component_range(name: str, scorer) -> tuple[float, float]:

@@ -50,11 +50,16 @@ REQUIRED = ("prompt", "response")
 OPTIONAL = ("id", "reward", "rewards", "rejected", "ranking", "meta")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite_reward(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise DataError(f"{where}: reward must be finite, got {value!r}")
+    if abs(value) > FLOAT32_MAX:  # training holds rewards in float32: it would become inf there
+        raise DataError(f"{where}: reward {value!r} is beyond float32's range (|reward| <= {FLOAT32_MAX:.4g})")
     return float(value)
 
 
