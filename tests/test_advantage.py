@@ -33,6 +33,17 @@ def test_advantages_and_drop_stats_by_hand():
     assert recall == pytest.approx(2 / 3)     # 2 of the 3 bad rows are dropped
 
 
+def test_spearman_with_ties_does_not_depend_on_row_order():
+    rewards = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 0.0, 0.0])
+    advantages = np.array([0.3, 0.1, 0.2, 0.5, 0.4, 0.9, -0.2, 0.0])
+    order = np.random.default_rng(0).permutation(len(rewards))
+    assert spearman(advantages, rewards) == spearman(advantages[order], rewards[order])
+    # by hand: R's tied rows share their mean rank; Spearman is Pearson's r of the ranks
+    ranks_r = np.array([4, 4, 4, 6.5, 6.5, 8, 1.5, 1.5])
+    ranks_a = np.array([5, 3, 4, 7, 6, 8, 1, 2])
+    assert spearman(advantages, rewards) == pytest.approx(np.corrcoef(ranks_a, ranks_r)[0, 1])
+
+
 def test_spearman_by_hand():
     assert spearman(np.array([1.0, 2.0, 3.0]), np.array([30.0, 20.0, 10.0])) == pytest.approx(-1.0)
     # ranks 0 1 2 3 vs 0 2 1 3: 1 - 6 * 2 / (4 * 15) = 0.8

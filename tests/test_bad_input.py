@@ -132,6 +132,22 @@ CASES = [
     Case("empty-split", "lol-rl: {tmp}/validation.jsonl: no rows", rows("validation", [])),
     Case("blank-lines-only", "lol-rl: {tmp}/test.jsonl: no rows", rows("test", ["", "   "])),
     Case("missing-file", "lol-rl: {tmp}/tset.jsonl: no such file", overrides=("task.test={tmp}/tset.jsonl",)),
+    Case("every-reward-zero", "lol-rl: algo alol keeps the train rows with A = R - V(x) > 0, but every train row of "
+         "task jsonl has the data's lowest reward 0.0, below every V(x): no row would be kept; give rewards that "
+         "vary, or an algorithm that keeps every row (algo=nll)",
+         rows("train", [{"prompt": f"p{i}", "response": "r", "reward": 0.0} for i in range(8)]), error=ConfigError),
+    Case("alol-on-every-row", "lol-rl: algo alol: keep=all would hand the loss rows with A <= 0, whose gradient pushes "
+         "their responses' probability down without bound; A-LOL trains on the rows with A > 0 "
+         "(keep=positive_advantage)", overrides=("algo.keep=all",), error=ConfigError),
+    Case("a-dir-as-file", "lol-rl: {tmp}: is a directory, expected a file", overrides=("task.test={tmp}",)),
+    Case("reward-beyond-any-float", "lol-rl: {tmp}/train.jsonl:2: key 'reward': reward 100000000000... (401 digits) "
+         "is too large to train on in float32 (|reward| <= 1.84e+19); rescale the rewards",
+         bad_row('{"prompt": "x", "response": "y", "reward": 1' + "0" * 400 + '}')),
+    Case("duplicate-key", "lol-rl: {tmp}/train.jsonl:2: key 'reward' appears twice in one object",
+         bad_row('{"prompt": "x", "response": "y", "reward": 0.1, "reward": 0.9}')),
+    Case("lone-surrogate", "lol-rl: {tmp}/validation.jsonl:2: key 'response' holds a lone surrogate '\\ud800' at "
+         "character 2, which is not text (an escape from a broken UTF-16 source?)",
+         bad_row('{"prompt": "x", "response": "ab\\ud800c", "reward": 0.5}', "validation")),
     Case("split-not-given", "lol-rl: task jsonl needs task.test=<path to a jsonl file>", overrides=("task.test=null",)),
     Case("no-reward-and-no-scorer", "lol-rl: task jsonl: split 'train' row id 'r1' has no 'reward' and no reward "
          "components are configured; give every train and validation row a reward, or name a scorer with "
@@ -211,11 +227,14 @@ CASES = [
          overrides=("generation.max_new_tokens=100",), error=ConfigError),
     Case("config-value-heads", "lol-rl: value.heads=3 must divide model.n_embd=128", overrides=("value.heads=3",),
          error=ConfigError),
-    Case("reward-beyond-float32", "lol-rl: {tmp}/train.jsonl:2: key 'reward': reward 1e+300 is beyond float32's "
-         "range (|reward| <= 3.403e+38)", bad_row({"prompt": "x", "response": "y", "reward": 1e300})),
+    Case("reward-beyond-float32", "lol-rl: {tmp}/train.jsonl:2: key 'reward': reward 1e+300 is too large to train on "
+         "in float32 (|reward| <= 1.84e+19); rescale the rewards", bad_row({"prompt": "x", "response": "y", "reward": 1e300})),
+    Case("reward-squared-beyond-float32", "lol-rl: {tmp}/train.jsonl:2: key 'reward': reward 1e+30 is too large to "
+         "train on in float32 (|reward| <= 1.84e+19); rescale the rewards",
+         bad_row({"prompt": "x", "response": "y", "reward": 1e30})),
     Case("one-validation-row", "lol-rl: task jsonl: the value stage fits V(x) on some validation prompts and chooses "
          "its epoch on the others (value.heldout_fraction), so it needs at least 2 validation rows; split "
-         "'validation' has 1", rows("validation", [{"prompt": "x", "response": "y", "reward": 1.0}]),
+         "'validation' has 1", rows("validation", [{"prompt": "x", "response": "y", "reward": 0.5}]),
          error=ConfigError),
     # ---- the cache dir
     Case("cache-dir-is-a-file", f"lol-rl: cache_dir {{tmp}}/cache is a file, not a directory; {WRITABLE}",

@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import replace_stage_runs
-from lol_rl.cache import StageCache, config_key
+from lol_rl.cache import CacheError, StageCache, config_key
 from lol_rl.errors import ConfigError
 from lol_rl.cli import CONF_DIR  # importing the cli registers the config schema: the file runs on its own
 
@@ -253,22 +255,92 @@ def test_a_bad_epoch_budget_stops_before_any_stage(stub_pipeline, tmp_path):
     assert calls == []
 
 
-def test_a_partial_build_is_resumed_unless_its_owner_lives_on_this_host(tmp_path):
+def _owner_file(path: Path, host: str, pid: int, started, renewed_ago: float = 0.0) -> None:
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": started}))
+    os.utime(path, (time.time() - renewed_ago, time.time() - renewed_ago))
+
+
+def test_a_partial_build_is_resumed_only_when_its_owner_is_gone(tmp_path, monkeypatch):
     import socket
 
+    from lol_rl import lease
+    from lol_rl.lease import holder, process_start
+
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.3)
+    monkeypatch.setattr("lol_rl.cache.RENEW_SECONDS", 0.05)
+    monkeypatch.setattr("lol_rl.cache.LEASE_SECONDS", 0.3)
     cache = StageCache(tmp_path)
     final = cache.path("rl", {"rl": 1})
     partial = final.parent / f".partial-{final.name}"
     partial.mkdir(parents=True)
+    owner = partial / "owner.pid"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (partial / "owner.pid").write_text(f"{socket.gethostname()}:{sleeper.pid}")
+        _owner_file(owner, socket.gethostname(), sleeper.pid, process_start(sleeper.pid))
         assert cache._resumable_dir(final, final.name) is None  # a live builder here: leave it alone
-        (partial / "owner.pid").write_text(f"another-node:{sleeper.pid}")  # a requeued job's old node
-        assert cache._resumable_dir(final, final.name) == partial
-        assert (partial / "owner.pid").read_text() == f"{socket.gethostname()}:{os.getpid()}"
+        _owner_file(owner, socket.gethostname(), sleeper.pid, "1")  # its pid, reused by an unrelated process
+        claimed, held = cache._resumable_dir(final, final.name)
+        assert claimed == partial and holder(owner).pid == os.getpid()
+        held.release()
+        _owner_file(owner, "another-node", 12345, "7", renewed_ago=5.0)  # its lease lapsed: a requeued job resumes
+        claimed, held = cache._resumable_dir(final, final.name)
+        assert claimed == partial
+        held.release()
+
+        _owner_file(owner, "another-node", 12345, "7")  # another host that keeps renewing its lease
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(0.02):
+                os.utime(owner)
+
+        renewer = threading.Thread(target=renew)
+        renewer.start()
+        try:
+            assert cache._resumable_dir(final, final.name) is None  # never shared: it builds apart
+        finally:
+            stop.set()
+            renewer.join()
+        assert holder(owner).host == "another-node"
     finally:
         sleeper.kill()
+
+
+def test_a_changed_byte_in_a_cached_artifact_is_refused(tmp_path):
+    cache = StageCache(tmp_path)
+    built = cache.stage("sft", {"sft": 1}, Builder("weights " * 1000))
+    data = bytearray((built / "artifact.txt").read_bytes())
+    data[100] ^= 0xFF  # same size, one byte changed
+    (built / "artifact.txt").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=f"cache artifact {built} is damaged: artifact.txt is not what was built"):
+        StageCache(tmp_path).stage("sft", {"sft": 1}, Builder())
+
+
+def test_a_read_only_cache_serves_what_it_holds_and_names_what_it_cannot_build(tmp_path, monkeypatch):
+    built = StageCache(tmp_path).stage("sft", {"sft": 1}, Builder())
+    monkeypatch.setattr("lol_rl.cache.check_writable", lambda root: f"cache_dir {root} is not writable (Read-only)")
+    cache = StageCache(tmp_path)  # root cannot make a dir read-only for itself: the probe's answer stands in
+    assert cache.stage("sft", {"sft": 1}, Builder()) == built
+    with pytest.raises(CacheError, match=f"stage value is not in cache_dir {tmp_path} and cannot be built there"):
+        cache.stage("value", {"value": 1}, Builder())
+
+
+def test_a_full_disk_is_one_line_and_the_partial_build_is_kept(tmp_path):
+    import errno
+
+    def fill(out: Path) -> None:
+        (out / "checkpoint.pt").write_text("step 4")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoint.pt.tmp"))
+
+    cache = StageCache(tmp_path)
+    final = cache.path("rl", {"rl": 1})
+    with pytest.raises(CacheError) as err:
+        cache.stage("rl", {"rl": 1}, fill, resumable=True)
+    partial = final.parent / f".partial-{final.name}"
+    assert str(err.value) == (f"stage rl: no space left writing {partial}/checkpoint.pt.tmp; the next run resumes "
+                              f"from {partial}")
+    assert (partial / "checkpoint.pt").read_text() == "step 4" and not (partial / "owner.pid").exists()
 
 
 # ---------------------------------------------------------------- keys from the declarations

@@ -86,6 +86,8 @@ def test_first_run_outputs(first_run, workspace):
     assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
     stages = json.loads((run_dir / "stages.json").read_text())
     assert f"run dir: {run_dir}" in proc.stdout and f"policy:  {stages['rl']['dir']}/policy" in proc.stdout
+    for summary in (workspace / "cache").glob("*/*/summary.json"):  # strict JSON: no NaN or -Infinity in any
+        json.loads(summary.read_text(), parse_constant=lambda name: pytest.fail(f"{summary} holds {name}"))
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = {}

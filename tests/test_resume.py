@@ -33,6 +33,10 @@ def artifacts(cache: Path) -> dict[str, set[str]]:
     return found
 
 
+def validation_steps(cache: Path, pattern: str) -> list[list[int]]:
+    return [[json.loads(line)["step"] for line in path.read_text().splitlines()] for path in sorted(cache.glob(pattern))]
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     workspace = tmp_path_factory.mktemp("resume")
@@ -69,6 +73,8 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(baseline, tmp_path, mon
     assert json.loads((tmp_path / "rerun" / "eval.json").read_text()) == expected
     assert artifacts(cache) == artifacts(baseline_cache)  # the same artifacts, file for file
     assert not [p for p in cache.glob("*/.*")], "temp or partial build dirs were left behind"
+    for records in ("sft/*/validation.jsonl", "rl/*/validation.jsonl"):  # each validation once, as if never killed
+        assert validation_steps(cache, records) == validation_steps(baseline_cache, records), records
 
     log = rerun.stdout + "".join(p.read_text() for p in (tmp_path / "rerun").glob("*.log"))
     if point.startswith("sft:"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .data import RANKING, REJECTED, RESPONSE
 from .errors import ConfigError
 from .losses import LOSSES, check_params
+from .tasks import data_reward
 
 TRAINERS = ("offline", "ppo")
 KEEP = ("all", "positive_advantage")  # every train row | the rows with A > 0
@@ -100,3 +101,17 @@ def preflight(algorithm: Algorithm, task) -> None:
     missing = [description for provision, description in algorithm.task_needs() if provision not in provided]
     if missing:
         raise ConfigError(f"{algorithm.name} needs {' and '.join(missing)}; task {task.name} has none")
+    if "advantages" in algorithm.loss_inputs and algorithm.keep == "all":
+        # the authors' code clamps A at 0 in the loss; we drop those rows, so a loss never sees A <= 0
+        raise ConfigError(f"algo {algorithm.name}: keep=all would hand the loss rows with A <= 0, whose gradient "
+                          f"pushes their responses' probability down without bound; A-LOL trains on the rows with "
+                          f"A > 0 (keep=positive_advantage)")
+    if algorithm.keep == "positive_advantage" and task.reward is None:
+        # V(x) is fit on the data's rewards, inside (lowest, highest]: rows at the lowest reward get A < 0
+        train = {data_reward(example) for example in task.splits["train"]}
+        lowest = min(data_reward(e) for split in ("train", "validation") for e in task.splits[split])
+        if train == {lowest}:
+            raise ConfigError(f"algo {algorithm.name} keeps the train rows with A = R - V(x) > 0, but every train "
+                              f"row of task {task.name} has the data's lowest reward {lowest}, below every V(x): no "
+                              f"row would be kept; give rewards that vary, or an algorithm that keeps every row "
+                              f"(algo=nll)")

@@ -39,6 +39,7 @@ RUN_CONFIG = "config.yaml"  # the resolved config (step budgets from epochs incl
 RUN_EVAL = "eval.json"  # {"reference": metrics, "policy": metrics}; written before stages.json
 RUN_STAGES = "stages.json"  # stage label -> {dir, cached, seconds}; written last: the run is finished
 RUN_METRICS = "metrics.jsonl"  # every metric record of the run
+RUN_OWNER = ".owner"  # while a run is live: its lease (lease.py); another run refuses the dir
 RUN_OVERRIDES = ".hydra/overrides.yaml"  # Hydra's copy of the command line's overrides (hydra.output_subdir)
 RUN_AUDIT = "audit.md"  # `lol-rl audit`: the table it printed
 RUN_AUDIT_ROWS = "audit.json"  # and its rows, with their text

@@ -108,7 +108,6 @@ def main() -> None:
         raise SystemExit(2)
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"lol-rl: no config.yaml in {CONF_DIR}; install with `pip install -e .` or set LOL_RL_CONF")
-    sys.path.insert(0, os.getcwd())  # `reward=my_module:score` imports from where lol-rl runs, as `python -m` would
     command = sys.argv.pop(1)
     sys.argv[0] = f"lol-rl {command}"
     if command == "judge" and len(sys.argv) > 1 and sys.argv[1] in JUDGE_MODES:
@@ -127,6 +126,14 @@ def main() -> None:
 
         export_main(sys.argv[1:])
         return
+    from .config import check_env_overrides
+    from .errors import LolRlError
+
+    try:
+        check_env_overrides(sys.argv[1:])
+    except LolRlError as err:
+        print(f"lol-rl: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if command in ("train", "audit"):
         share_output_dirs()
     _hydra_app(*APPS[command])()
@@ -138,7 +145,7 @@ def share_output_dirs() -> None:
     from . import distributed
 
     if distributed.launched():
-        stamp = distributed.broadcast(time.strftime("%Y-%m-%d/%H-%M-%S") if distributed.is_main() else None)
+        stamp = distributed.broadcast(time.strftime(f"%Y-%m-%d/%H-%M-%S-{os.getpid()}") if distributed.is_main() else None)
         os.environ.setdefault("LOL_RL_RUN_DIR", f"outputs/{stamp}")
         os.environ.setdefault("LOL_RL_SWEEP_DIR", f"multirun/{stamp}")
 

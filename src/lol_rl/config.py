@@ -8,6 +8,8 @@ the key, the value, what is allowed. The values and their comments live in conf/
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -344,6 +346,27 @@ class PPOParams:
 
 # --- `lol-rl judge` (conf/judge.yaml) ---------------------------------------------------------
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(key: str, value: Any) -> None:
+    """A `*_env` key names an environment variable; a pasted secret there would be written to the
+    run's config.yaml and Hydra's copies, so it is refused, and never echoed."""
+    if value is None or (isinstance(value, str) and ENV_NAME.fullmatch(value)):
+        return
+    raise ConfigError(f"{key} must name an environment variable (e.g. OPENAI_API_KEY) that holds the key, not "
+                      f"the key itself; the value given ({len(str(value))} characters, not shown) is not a "
+                      f"variable name and was written nowhere")
+
+
+def check_env_overrides(overrides: list[str]) -> None:
+    """`check_env_name` on the command line, before Hydra copies the overrides into the run dir."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if sep and key.endswith("_env") and value not in ("null", ""):
+            check_env_name(key, value)
+
+
 @dataclass
 class JudgeEndpointConfig:
     """A judge: any OpenAI-compatible chat-completions endpoint (conf/judge/*.yaml)."""
@@ -470,3 +493,7 @@ def register() -> None:
     `defaults: [run_schema, ...]` and `[judge_schema, ...]`."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     ConfigStore.instance().store(name="judge_schema", node=JudgeRunConfig)
+    # conf/config.yaml's default run and sweep dirs end in the pid: two runs started in the same
+    # second get two dirs
+    if not OmegaConf.has_resolver("lol_rl.pid"):
+        OmegaConf.register_new_resolver("lol_rl.pid", os.getpid)

@@ -17,3 +17,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under `root` the mode the umask gives a new file: some writers (transformers'
+    model.safetensors) create 0600 files, which another user of a shared cache cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)

@@ -30,7 +30,7 @@ from .files import atomic_write_text
 from .models import save_policy
 from .progress import progress_disabled
 from .rewards import RewardError
-from .tracking import MetricsLogger
+from .tracking import StageRecords
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Loop:
     trainable: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    metrics: MetricsLogger
+    metrics: StageRecords
     log_interval: int
     validation: Validation | None = None
     checkpoint: Path | None = None
@@ -186,8 +186,12 @@ def run_loop(loop: Loop) -> dict:
         loop.scheduler.load_state_dict(state["scheduler"])
         loop.load_extra_state(state["extra"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         loop.state = state["loop"]
         log.info("%s: resuming from the checkpoint of step %d", loop.stage, loop.state["step"])
+    # what a killed run recorded past the point this one starts from, it records again
+    loop.metrics.forget_after(loop.state["step"] if state is not None else -1)
     main = distributed.rank() == 0
     started = time.perf_counter()
     first = loop.state["step"] + 1
@@ -210,9 +214,12 @@ def run_loop(loop: Loop) -> dict:
             save_checkpoint(loop.checkpoint, {
                 "model": trainable_state(loop.trainable), "optimizer": loop.optimizer.state_dict(),
                 "scheduler": loop.scheduler.state_dict(), "extra": loop.extra_state(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "loop": loop.state}, point=f"{loop.stage}:checkpoint_write:{step}")
     best = loop.state["best"]
-    return {"best_validation_reward": best["score"], "best_step": best["step"], "steps": loop.steps,
+    validated = math.isfinite(best["score"])  # JSON has no -Infinity: a loop that never validated has no best
+    return {"best_validation_reward": best["score"] if validated else None, "best_step": best["step"] if validated else None,
+            "steps": loop.steps,
             "skipped_steps": loop.state["skipped"], "seconds": time.perf_counter() - started}
 
 

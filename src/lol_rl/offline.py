@@ -17,7 +17,7 @@ from .distributed import shard_rows
 from .logprobs import response_logprobs, to_device
 from .loop import Loop, Validation, guarded_update, run_loop
 from .models import autocast, make_optimizer
-from .tracking import MetricsLogger
+from .tracking import StageRecords
 
 
 def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -129,7 +129,7 @@ def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], 
 
 
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
-             metrics: MetricsLogger, validation: Validation | None = None, row_ids: Sequence[str] | None = None,
+             metrics: StageRecords, validation: Validation | None = None, row_ids: Sequence[str] | None = None,
              optimizer_name: str = "adamw", checkpoint=None) -> dict:
     """`opt_cfg.steps` offline steps through the loop shell (loop.run_loop): validation and the
     best checkpoint when `validation` is given, the loop state checkpointed every

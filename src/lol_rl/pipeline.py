@@ -23,6 +23,7 @@ from .cache import StageCache
 from .config import validate
 from .errors import ConfigError
 from .files import atomic_write_text
+from .lease import Lease
 from .models import chat_renderer, quantization_config, resolve_device
 from .schedule import resolve_budget
 from .scoring import format_results
@@ -174,7 +175,25 @@ def check_split_sizes(task: Task, algo: Algorithm) -> None:
                           f"validation rows; split 'validation' has {validation}")
 
 
+def claim_run_dir(run_dir: Path) -> Lease:
+    """This run's hold on its dir: two live runs never write one config.yaml or metrics.jsonl."""
+    lease = Lease(run_dir / artifacts.RUN_OWNER)
+    if not lease.claim():
+        raise ConfigError(f"run dir {run_dir} belongs to the live run {lease.holder}; give this run its own "
+                          f"hydra.run.dir=<dir>")
+    return lease
+
+
 def run_train(cfg, run_dir: Path) -> dict:
+    lease = claim_run_dir(run_dir) if distributed.is_main() else None
+    try:
+        return _run_train(cfg, run_dir)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_train(cfg, run_dir: Path) -> dict:
     chain = open_chain(cfg, run_dir / artifacts.RUN_METRICS, use_wandb=cfg.logger == "wandb",
                        run_name=f"{cfg.task.name}-{cfg.algo.name}-s{cfg.seed}", tags=[cfg.task.name, cfg.algo.name],
                        config=OmegaConf.to_container(cfg, resolve=True))

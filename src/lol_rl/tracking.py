@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from .files import atomic_write_text
+
 
 def sweep_group() -> str | None:
     """The sweep a run belongs to (its Hydra sweep dir), None for a single run or outside Hydra."""
@@ -65,3 +67,19 @@ class StageRecords:
         if stage in self.stages and self.metrics.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+
+    def forget_after(self, step: int) -> None:
+        """On resuming from the checkpoint of `step` (-1: starting over): drop the records a
+        killed run wrote after it (and a line a kill cut short), which this run writes again, so
+        the artifact's records are those of a run that was never killed."""
+        if not self.path.is_file() or not self.metrics.enabled:
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["step"] <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..tasks.base import DataError
+from ..config import check_env_name
 from ..errors import LolRlError
 from .pairs import ORDERS, VERDICTS
 
@@ -27,6 +28,7 @@ def make_client(judge_cfg, max_retries: int, timeout: float):
     from openai import OpenAI
 
     env = judge_cfg.api_key_env
+    check_env_name("judge.api_key_env", env)  # a key pasted into a yaml file
     api_key = os.environ.get(env) if env else NO_KEY
     if not api_key:
         raise JudgeError(f"judge {judge_cfg.name}: environment variable {env} is empty or not set; "

@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..tasks.base import DataError, read_json
+from ..tasks.base import DataError, read_json, require_file
 from .client import read_verdicts
 from ..files import atomic_write_text
 from .pairs import (
@@ -64,8 +64,7 @@ def export_forms(pairs: list[Pair], seed: int, systems: dict, out: Path) -> None
 def read_answers(path: Path, pair_ids: set[str]) -> dict[str, str | None]:
     """One annotator's CSV (columns pair_id and answer; others ignored): answer by pair id, None
     where left empty. Every pair of the form must be there once, with 1, 2, tie or neither."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     answers: dict[str, str | None] = {}
     with path.open(encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)

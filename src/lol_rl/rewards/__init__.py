@@ -22,6 +22,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -113,12 +115,21 @@ def component_range(name: str, scorer) -> tuple[float, float]:
 
 
 def import_object(path: str, owner: str) -> Any:
-    """`package.module:attribute`; `owner` says whose it is in the error message."""
+    """`package.module:attribute`; `owner` says whose it is in the error message. The module is
+    looked up where Python looks, then in the working directory: a file there named like an
+    installed module (a stray `tqdm.py`) never shadows it, in this import or any later one."""
     module_name, _, attr = path.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise RewardError(f"{owner} {path!r}: cannot import it ({err})") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def import_scorer(path: str) -> Scorer:

@@ -8,6 +8,7 @@ import json
 import logging
 
 import numpy as np
+import scipy.stats
 import torch
 
 from .. import artifacts
@@ -30,12 +31,11 @@ def drop_precision_recall(dropped: np.ndarray, bad: np.ndarray) -> tuple[float |
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Rank correlation (ties by order): how differently A and R rank the rows; None when
-    either is constant."""
+    """Rank correlation, tied values sharing their mean rank (so row order cannot move it): how
+    differently A and R rank the rows; None when either is constant."""
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def audit(examples, rewards: np.ndarray, values: np.ndarray, adv: np.ndarray) -> dict:

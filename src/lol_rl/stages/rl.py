@@ -18,6 +18,7 @@ from ..losses import LOSSES
 from ..models import add_adapter, load_policy
 from ..offline import BatchSource, optimize
 from ..schedule import resolve_budget
+from ..tasks.base import DataError
 from ..scoring import validation_scorer
 from . import Stage, StageRun, ppo, reference
 
@@ -57,6 +58,11 @@ def run_offline(stage: StageRun) -> None:
     keep = torch.arange(len(rows))
     if algo.keep == "positive_advantage":
         keep = torch.nonzero(row_tensors["advantages"] > 0).squeeze(-1)
+        if len(keep) == 0:  # rewards a scorer gave in the reference stage, not known at preflight
+            advantages = row_tensors["advantages"]
+            raise DataError(f"rl stage: no train row has A = R - V(x) > 0 after the advantage stage (A from "
+                            f"{advantages.min():.4g} to {advantages.max():.4g}), so {algo.name} has nothing to "
+                            f"train on; `lol-rl audit` shows R and V(x) per row")
     weights = row_tensors[f"{algo.sampling}s"].clamp(min=0) if algo.sampling in ("advantage", "reward") else None
     log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s, responses %s",
              algo.name, len(keep), len(rows), len(keep) / len(rows), algo.sampling, groups)

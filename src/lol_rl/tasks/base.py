@@ -50,16 +50,63 @@ REQUIRED = ("prompt", "response")
 OPTIONAL = ("id", "reward", "rewards", "rejected", "ranking", "meta")
 
 
-FLOAT32_MAX = 3.4028234663852886e38
+# training holds rewards in float32 and fits V(x) by their squared error: beyond the square root of
+# float32's largest number (1.8e19) that square is inf, and so is every loss weighted by A
+REWARD_LIMIT = 3.4028234663852886e38 ** 0.5
+
+
+def require_file(path: Path, hint: str = "") -> Path:
+    """`path` if it is a file; else one line saying what is there instead."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file{hint}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file{hint}")
+    return path
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    row = {}
+    for key, value in pairs:
+        if key in row:  # json.loads would keep the last one silently
+            raise ValueError(f"key '{key}' appears twice in one object")
+        row[key] = value
+    return row
+
+
+def decode_json(text: str | bytes, where: str) -> Any:
+    """One JSON document; a syntax error, a duplicate key in an object or a number Python cannot
+    hold is one line naming `where`."""
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except ValueError as err:  # a duplicate key, or an integer of more digits than Python converts
+        raise DataError(f"{where}: {str(err).splitlines()[0]}") from None
+
+
+def _text(value: str, where: str) -> str:
+    """`value` if a tokenizer can encode it: a lone UTF-16 surrogate (JSON's "\\ud800") cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where} holds a lone surrogate {value[err.start]!r} at character {err.start}, which is "
+                        "not text (an escape from a broken UTF-16 source?)") from None
+    return value
 
 
 def _finite_reward(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, int) and abs(value) > REWARD_LIMIT:  # maybe beyond any float: math.isfinite would overflow
+        raise DataError(f"{where}: reward {str(value)[:12]}... ({len(str(abs(value)))} digits) is too large to train "
+                        f"on in float32 (|reward| <= {REWARD_LIMIT:.3g}); rescale the rewards")
     if not math.isfinite(value):
         raise DataError(f"{where}: reward must be finite, got {value!r}")
-    if abs(value) > FLOAT32_MAX:  # training holds rewards in float32: it would become inf there
-        raise DataError(f"{where}: reward {value!r} is beyond float32's range (|reward| <= {FLOAT32_MAX:.4g})")
+    if abs(value) > REWARD_LIMIT:
+        raise DataError(f"{where}: reward {value!r} is too large to train on in float32 (|reward| <= "
+                        f"{REWARD_LIMIT:.3g}); rescale the rewards")
     return float(value)
 
 
@@ -81,7 +128,7 @@ def parse_row(raw: Any, where: str, index: int | str, columns: dict[str, str] | 
             raise DataError(f"{where}: missing key '{key_(key)}'")
         if not isinstance(raw[key], str):
             raise DataError(f"{where}: key '{key_(key)}' must be a string, got {type(raw[key]).__name__}")
-        if not raw[key].strip():
+        if not _text(raw[key], f"{where}: key '{key_(key)}'").strip():
             raise DataError(f"{where}: key '{key_(key)}' is empty")
     reward = _finite_reward(raw["reward"], f"{where}: key '{key_('reward')}'") if "reward" in raw else None
     rewards = None
@@ -90,7 +137,7 @@ def parse_row(raw: Any, where: str, index: int | str, columns: dict[str, str] | 
             raise DataError(f"{where}: key '{key_('rewards')}' must be a non-empty object of name: number")
         rewards = {k: _finite_reward(v, f"{where}: key '{key_('rewards')}.{k}'") for k, v in raw["rewards"].items()}
     rejected = raw.get("rejected")
-    if rejected is not None and (not isinstance(rejected, str) or not rejected.strip()):
+    if rejected is not None and (not isinstance(rejected, str) or not _text(rejected, f"{where}: key '{key_('rejected')}'").strip()):
         raise DataError(f"{where}: key '{key_('rejected')}' must be a non-empty string")
     ranking = raw.get("ranking")
     if ranking is not None and (
@@ -98,6 +145,8 @@ def parse_row(raw: Any, where: str, index: int | str, columns: dict[str, str] | 
         or not all(isinstance(r, str) and r.strip() for r in ranking)
     ):
         raise DataError(f"{where}: key '{key_('ranking')}' must be a list of 2 or more non-empty strings")
+    for i, text in enumerate(ranking or ()):
+        _text(text, f"{where}: key '{key_('ranking')}[{i}]'")
     meta = raw.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(f"{where}: key '{key_('meta')}' must be an object")
@@ -113,9 +162,7 @@ def parse_row(raw: Any, where: str, index: int | str, columns: dict[str, str] | 
 
 def read_jsonl(path: str | Path) -> list[Example]:
     """Read and validate a jsonl file of rows; the first bad row stops with file:line and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    path = require_file(Path(path))
     examples, seen = [], {}
     with path.open("rb") as f:
         for line_no, raw_line in enumerate(f, start=1):
@@ -126,10 +173,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not text.strip():
                 continue
-            try:
-                raw = json.loads(text.rstrip("\r\n"))  # a row cut short points at its end, not at column 1 of the next line
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+            raw = decode_json(text.rstrip("\r\n"), where)  # a row cut short points at its end, not at column 1 of the next line
             example = parse_row(raw, where, index=len(examples))
             if example.id in seen:
                 raise DataError(f"{where}: duplicate id {example.id!r} (first at line {seen[example.id]})")
@@ -142,20 +186,14 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 def json_lines(path) -> Iterator[tuple[str, int, Any]]:
     """('file:line', row index, decoded object) for each non-blank line of a JSON-lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    path = require_file(Path(path))
     with path.open("rb") as f:
         index = 0
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f"{where}: not valid JSON ({err})") from None
-            yield where, index, row
+            yield where, index, decode_json(line, where)
             index += 1
 
 
@@ -182,13 +220,8 @@ def subsample(rows: list, n: int | None, seed: int) -> list:
 
 def read_json(path, expected: type, what: str, missing_hint: str = "") -> Any:
     """A whole-file JSON document of type `expected` (`what` describes it for the message)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file{missing_hint}")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    path = require_file(Path(path), missing_hint)
+    data = decode_json(path.read_bytes(), str(path))
     if not isinstance(data, expected):
         raise DataError(f"{path}: expected {what}, got {type(data).__name__}")
     return data

@@ -21,7 +21,7 @@ import re
 import zlib
 from pathlib import Path
 
-from .base import DataError, Example, json_lines, require, subsample
+from .base import DataError, Example, json_lines, require, require_file, subsample
 
 # relation -> the phrase the COMET critic reads it as (the SKD critic's NLI-style flattening)
 RELATIONS = {
@@ -92,8 +92,7 @@ def _atomic10x(path, data_reward: bool) -> dict[str, list[Example]]:
 def _atomic2020_test(path: Path) -> list[Example]:
     """One row per (head, relation) of a known relation; its reference tail is the first that is
     not "none" (the authors kept the tail their critic scored best; the policy is scored on its own)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     pairs: dict[tuple[str, str], Example] = {}
     with path.open("rb") as f:
         for line_no, line in enumerate(f, start=1):

@@ -28,7 +28,6 @@ Each pair becomes one Example: the prompt is the history in the LLaMA chat forma
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import math
 import random
@@ -38,7 +37,7 @@ from typing import Any
 
 import lol_rl
 
-from .base import DataError, Example, json_lines, read_json, require, subsample
+from .base import DataError, Example, decode_json, json_lines, read_json, require, require_file, subsample
 
 log = logging.getLogger(__name__)
 
@@ -272,21 +271,13 @@ def repo_path(path) -> Path:
 
 def gz_json_lines(path: Path) -> list[tuple[str, Any]]:
     """('file:line', decoded object) for each non-blank line of a gzipped JSON-lines file."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     try:
         lines = gzip.decompress(path.read_bytes()).split(b"\n")
     except (OSError, EOFError) as err:  # not gzip (a Git LFS pointer, say) or cut short
         raise DataError(f"{path}: not a readable gzip file ({err})") from None
     numbered = [(f"{path}:{n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
-    return [(where, _json_line(line, where)) for where, line in numbered]
-
-
-def _json_line(line: bytes, where: str) -> Any:
-    try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{where}: not valid JSON ({err})") from None
+    return [(where, decode_json(line, where)) for where, line in numbered]
 
 
 def _is_number(value: Any) -> bool:

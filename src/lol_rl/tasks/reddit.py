@@ -23,7 +23,7 @@ import logging
 import re
 from pathlib import Path
 
-from .base import FIT_TEXTS, DataError, Example
+from .base import FIT_TEXTS, DataError, Example, require_file
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def _read_polarity(path, polarity: str, sample_size: int, seed: int) -> list[Exa
 def _read_csv(path: Path):
     import pandas as pd  # heavy import, only for this task
 
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     try:
         table = pd.read_csv(path, dtype={"id": str, "text": str, "parent_text": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
