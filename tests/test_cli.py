@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,93 @@ def test_bad_reward_component_is_one_clear_line(tmp_path, reward, message):
                   cache=tmp_path / "cache")
     assert proc.returncode == 2
     assert f"lol-rl: {message}" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def _plain_env(**extra: str) -> dict:
+    """The environment of a user's shell: no PYTHONPATH onto the checkout, no LOL_RL_CONF."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOL_RL_CONF")}
+    return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **extra}
+
+
+def test_help_shows_groups_and_what_each_key_means(tmp_path):
+    train = lol_rl("train", "--help", cache=tmp_path, timeout=60)
+    assert train.returncode == 0, train.stdout
+    text = train.stdout
+    assert "algo (default alol):" in text and "task (default toy):" in text and "model (default tiny):" in text
+    assert "  dpo " in text and "  hf " in text and "  smollm2 " in text and "  toy_table2 " in text
+    assert "judge:" not in text  # judge's endpoints are not train's
+    # a key, its default and its yaml comment on one line; a wrapped comment joined to it
+    assert re.search(r"^  rl\.lr=3\.0e-4 +AdamW learning rate$", text, re.M)
+    assert re.search(r"^  rl\.epochs=null +set: .* \(A > 0 rows for A-LOL", text, re.M)
+    assert re.search(r"^  algo\.keep=positive_advantage +train rows used", text, re.M)
+    chosen = lol_rl("train", "task=hf", "--help", cache=tmp_path, timeout=60).stdout
+    assert "task (default hf):" in chosen and re.search(r"^  task\.path=\?\?\? +a data file", chosen, re.M)
+    audit = lol_rl("audit", "--help", cache=tmp_path, timeout=60).stdout
+    own = audit.split("keys of `lol-rl audit`")[1].split("\n\n")[0]
+    assert re.search(r"^  audit\.rows=20 +the lowest-advantage train rows shown$", own, re.M)
+    judge = lol_rl("judge", "--help", cache=tmp_path, timeout=60)  # no out= needed to ask for help
+    assert judge.returncode == 0 and "judge (default local):" in judge.stdout
+    assert re.search(r"^  n=400 +pairs sampled", judge.stdout, re.M) and "rl.lr" not in judge.stdout
+    assert re.search(r"^  judge\.base_url=\S+ +the server's /v1 root", judge.stdout, re.M)
+
+
+def test_config_help_reads_comments_sections_and_quoted_hashes(tmp_path):
+    from lol_rl.config_help import key_docs
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text('defaults:\n  - task: toy\n\na: 1   # the a\nb:     # section b\n  c: "x # y"  # c, with\n'
+                    '              # a second line\n  d: [1, 2]\n# a header, not c\'s\nhydra:\n  run: x  # hidden\n')
+    docs = [(d.key, d.value, d.comment) for d in key_docs(conf)]
+    assert docs == [("a", "1", "the a"), ("b", "", "section b"), ("b.c", '"x # y"', "c, with a second line"),
+                    ("b.d", "[1, 2]", "")]
+
+
+def test_the_package_lists_every_source_folder():
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(find_packages(str(ROOT / "src"))) | {"lol_rl.conf"} == set(listed)
+
+
+def test_a_plain_install_carries_the_configs_and_runs(tmp_path):
+    """`pip install .` (a wheel, not editable) into a fresh venv: lol-rl runs from it with the
+    configs it carries, outside the checkout. --no-deps over the system's packages: no network."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # what the repo ships, copied: the build leaves nothing in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("src", "conf"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    run = lambda *cmd, **kw: subprocess.run(cmd, cwd=tmp_path, env=_plain_env(), text=True, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, timeout=120, **kw)
+    built = run(sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
+                "-q", "-w", str(tmp_path / "wheel"))
+    assert built.returncode == 0, built.stdout[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("lol_rl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]:
+        top = "src" if path.is_relative_to(ROOT / "src") else "conf"
+        inside = path.relative_to(ROOT / top).as_posix()
+        assert (inside if top == "src" else f"lol_rl/conf/{inside}") in names, path
+
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)).returncode == 0
+    python, command = venv / "bin" / "python", venv / "bin" / "lol-rl"
+    installed = run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                    "--ignore-installed", "-q", str(wheel))
+    assert installed.returncode == 0, installed.stdout[-3000:]
+    site = run(str(python), "-c", "import lol_rl.cli as c; print(c.__file__); print(c.CONF_DIR)").stdout.split()
+    assert [Path(p).is_relative_to(venv) for p in site] == [True, True] and site[1].endswith("lol_rl/conf"), site
+    from importlib.metadata import version
+
+    assert run(str(command), "--version").stdout.strip() == f"lol-rl {version('lol-rl')}"
+    helped = run(str(command), "train", "--help")
+    assert helped.returncode == 0 and f"config groups ({site[1]};" in helped.stdout
+    assert re.search(r"^  rl\.lr=3\.0e-4 +AdamW learning rate$", helped.stdout, re.M)
+    composed = run(str(command), "train", "--cfg", "job", "algo=dpo")  # Hydra composes the installed conf
+    assert composed.returncode == 0 and "name: dpo" in composed.stdout, composed.stdout[-3000:]
