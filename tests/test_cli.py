@@ -87,6 +87,12 @@ def test_first_run_outputs(first_run, workspace):
     assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
     stages = json.loads((run_dir / "stages.json").read_text())
     assert f"run dir: {run_dir}" in proc.stdout and f"policy:  {stages['rl']['dir']}/policy" in proc.stdout
+    link = run_dir / "policy"  # a relative link to the rl artifact's policy, there from the run dir alone
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    assert link.resolve() == (Path(stages["rl"]["dir"]) / "policy").resolve() and (link / "config.json").is_file()
+    assert not list(run_dir.glob(".policy.tmp-*"))
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["rows"] == {"train": 200, "validation": 40, "test": 40} and len(data["fingerprint"]) == 16
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = {}
@@ -323,3 +329,68 @@ def test_a_plain_install_carries_the_configs_and_runs(tmp_path):
     assert re.search(r"^  rl\.lr=3\.0e-4 +AdamW learning rate$", helped.stdout, re.M)
     composed = run(str(command), "train", "--cfg", "job", "algo=dpo")  # Hydra composes the installed conf
     assert composed.returncode == 0 and "name: dpo" in composed.stdout, composed.stdout[-3000:]
+
+
+def test_the_policy_link_is_replaced_whole_and_falls_back_to_a_file(tmp_path, monkeypatch):
+    from lol_rl import artifacts
+    from lol_rl.files import atomic_link
+
+    run_dir, old, new = tmp_path / "outputs" / "run", tmp_path / "cache" / "rl" / "a" / "policy", tmp_path / "b"
+    for path in (run_dir, old, new):
+        path.mkdir(parents=True)
+    assert atomic_link(run_dir / "policy", old) == "symlink"
+    assert os.readlink(run_dir / "policy") == os.path.join("..", "..", "cache", "rl", "a", "policy")
+    assert atomic_link(run_dir / "policy", new) == "symlink" and artifacts.run_policy(run_dir) == new.resolve()
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    assert atomic_link(run_dir / "policy", old) == "file"
+    assert (run_dir / "policy").read_text() == f"{old}\n" and artifacts.run_policy(run_dir) == old
+    assert sorted(p.name for p in run_dir.iterdir()) == ["policy"]
+
+
+def test_the_progress_bar_shows_the_last_validation_reward_beside_the_loss(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from lol_rl import loop as loop_module
+    from lol_rl.tracking import MetricsLogger
+
+    shown = []
+
+    class Bar:  # records what tqdm would print after the bar
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, values):
+            shown.append(dict(values))
+
+    monkeypatch.setattr(loop_module, "tqdm", Bar)
+    monkeypatch.setattr(loop_module, "progress_disabled", lambda: False)
+    weight = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(weight.parameters(), lr=0.1)
+    rewards = iter([0.5, 0.75, 0.25])  # steps 0, 2, 4
+    validation = loop_module.Validation(score=lambda model: (next(rewards), {}), on_best=lambda step, score: None,
+                                        interval=2, at_start=True)
+    run = loop_module.Loop(stage="rl", steps=4, step=lambda n: {"loss": float(n)}, model=weight, trainable=weight,
+                           optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                           metrics=MetricsLogger(tmp_path / "metrics.jsonl"), log_interval=1, validation=validation)
+    loop_module.run_loop(run)
+    assert shown[0] == {"val reward": "0.500", "loss": "1.000"}  # pi_ref's, from step 0, beside the first loss
+    assert shown[-1] == {"val reward": "0.250", "loss": "4.000"}
+    assert {"val reward": "0.750", "loss": "2.000"} in shown
+
+    # without a bar (CI, a log file) the log line says it too
+    monkeypatch.setattr(loop_module, "progress_disabled", lambda: True)
+    rewards = iter([0.5, 0.75, 0.25])
+    run.state = {"step": 0, "best": {"score": -math.inf, "step": 0}, "running": {}, "counted": 0, "skipped": 0}
+    run.last_validation = None
+    with caplog.at_level(logging.INFO, logger="lol_rl.loop"):
+        loop_module.run_loop(run)
+    assert "rl: step 3/4 loss 3.0000, last validation reward 0.7500," in caplog.text

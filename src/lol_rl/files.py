@@ -17,3 +17,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def atomic_link(path: Path, target: Path) -> str:
+    """`path` -> `target`, replacing whatever `path` was in one rename: a symlink, relative when
+    the two share a root (the pair can move together), else absolute; where symlinks cannot be
+    made (some filesystems, Windows without the privilege) a small text file holding the target's
+    absolute path. Returns "symlink" or "file"."""
+    target = Path(os.path.abspath(target))
+    try:
+        link = Path(os.path.relpath(target, Path(os.path.abspath(path)).parent))
+    except ValueError:  # another drive
+        link = target
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if temp.is_symlink() or temp.exists():
+        temp.unlink()
+    try:
+        os.symlink(link, temp, target_is_directory=True)
+        kind = "symlink"
+    except OSError:
+        temp.write_text(f"{target}\n", encoding="utf-8")
+        kind = "file"
+    os.replace(temp, path)
+    return kind
