@@ -9,9 +9,10 @@
     lol-rl judge import out=human/x answers=[a1.csv,a2.csv,a3.csv] verdicts=judged/x/verdicts.jsonl
 
     lol-rl train -m +experiment=toy_table2     # a paper table as a sweep (conf/experiment/)
-    lol-rl report <sweep dir>                  # the paper's layout: tables (md, csv) and plots (png)
+    lol-rl report <run dir | sweep dir | outputs/>   # the paper's layout: tables (md, csv) and plots (png)
     lol-rl audit task=toy                      # the lowest-advantage train rows, the drop and its precision
     lol-rl export <run dir> --out <dir>        # the trained policy as a Hugging Face model dir with a model card
+    lol-rl export <run dir> --out <dir> --push-to-hub <user>/<name>   # and upload it (HF_TOKEN, HF_HUB_OFFLINE=0)
 
 Configs: conf/ at the repository root, shipped inside the package as lol_rl/conf (config.yaml
 lists every key of train, judge.yaml of judge; `lol-rl train --help` shows them with their
