@@ -86,7 +86,8 @@ def test_first_run_outputs(first_run, workspace):
     # the reference row and the policy row are both in the printed table
     assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert f"run dir: {run_dir}" in proc.stdout and f"policy:  {stages['rl']['dir']}/policy" in proc.stdout
+    assert f"run dir: {run_dir}" in proc.stdout
+    assert f"policy:  {run_dir}/policy -> {stages['rl']['dir']}/policy" in proc.stdout
     link = run_dir / "policy"  # a relative link to the rl artifact's policy, there from the run dir alone
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))
     assert link.resolve() == (Path(stages["rl"]["dir"]) / "policy").resolve() and (link / "config.json").is_file()
