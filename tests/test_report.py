@@ -39,7 +39,8 @@ def test_summary_aggregates_seeds_and_keeps_settings_apart(tmp_path):
 
 
 def test_run_label_drops_seed_algo_and_hydra_overrides():
-    assert run_label("alol", ["algo=alol", "seed=3", "hydra.run.dir=x", "algo.params.eps=0.2"]) == "alol algo.params.eps=0.2"
+    assert run_label("alol", ["algo=alol", "seed=3", "hydra.run.dir=x", "cache_dir=/c", "algo.params.eps=0.2"]) == \
+        "alol algo.params.eps=0.2"
 
 
 # ---------------------------------------------------------------- lol-rl report
@@ -272,8 +273,15 @@ def test_a_run_from_before_data_json_is_grouped_by_its_task_config(tmp_path):
     cfg = OmegaConf.load(second / "config.yaml")
     cfg.task.train = "data/other.jsonl"
     OmegaConf.save(cfg, second / "config.yaml")
-    groups = [run_group(OmegaConf.load(run / "config.yaml"), None)["data"] for run in (first, second)]
-    assert groups[0].startswith("task config ") and groups[0] != groups[1]
+    groups = [run_group(OmegaConf.load(run / "config.yaml"), None) for run in (first, second)]
+    assert groups[0]["data"] is None and groups[0]["task_config"].startswith("task config ")
+    assert groups[0]["task_config"] != groups[1]["task_config"]
+    # beside a run that records its fingerprint, runs of the same task config stay one group
+    third = jsonl_run(tmp_path, "c", "aaaa1111", None, True)
+    sections = build_sections(collect_runs(tmp_path))
+    assert [(s.group, [r.n_seeds for r in s.rows]) for s in sections] == [
+        (f"data {groups[0]['task_config']}", [2, 2]), (f"data {groups[1]['task_config']}", [1, 1])]
+    assert {r["run_dir"].name for r in sections[0].runs} == {"a", "c"}
 
 
 def test_report_takes_a_run_dir_a_sweep_or_a_tree_of_them(tmp_path, capsys):

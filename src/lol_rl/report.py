@@ -136,24 +136,23 @@ def _compact(value) -> str:
 
 def run_group(cfg, data: dict | None) -> dict[str, str]:
     """What a run's numbers depend on besides its algorithm and seed, each as a short string:
-    `data` (the fingerprint of every row, from data.json; a run from before it was recorded: a
-    hash of its task config), `reward` (the command line's reward=, else the task's reward keys)
+    `data` (the fingerprint of every row, from data.json; None for a run from before it was
+    recorded) and `task_config` (a hash of the task's data settings, what such runs are told
+    apart by), `reward` (the command line's reward=, else the task's reward keys)
     and `model` (its resolved model config). Runs are aggregated only within one group."""
     task = _plain(OmegaConf.select(cfg, "task", default=None)) or {}
     reward_keys = {k: v for k, v in task.items() if "reward" in k}
     override = _plain(OmegaConf.select(cfg, "reward", default=None))
-    if data is not None:
-        data_id = data["fingerprint"]
-    else:
-        settings = {k: v for k, v in task.items() if k not in reward_keys and k != "name"}
-        data_id = "task config " + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    settings = {k: v for k, v in task.items() if k not in reward_keys and k != "name"}
+    task_config = "task config " + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     reward = {"reward": override} if override else reward_keys
     if not any(v not in (None, [], False) for v in reward.values()):
         reward_text = "none (the data's rewards)"
     else:
         reward_text = ", ".join(f"{k}={_compact(v)}" for k, v in reward.items())
     model = _plain(OmegaConf.select(cfg, "model", default=None)) or {}
-    return {"data": data_id, "reward": reward_text, "model": json.dumps(model, sort_keys=True, default=str)}
+    return {"data": data["fingerprint"] if data is not None else None, "task_config": task_config,
+            "reward": reward_text, "model": json.dumps(model, sort_keys=True, default=str)}
 
 
 def _model_difference(models: list[dict], model: dict) -> str:
@@ -165,9 +164,14 @@ def _model_difference(models: list[dict], model: dict) -> str:
 def group_runs(runs: list[dict]) -> list[tuple[list[dict], str]]:
     """The runs of one task split by group; with one group, ("" for its description); with
     several, each described by what sets it apart: `data ..., reward ..., model ...`."""
+    # the data by its fingerprint, unless a run predates data.json: then every run by its task config
+    fingerprinted = all(run["group"]["data"] is not None for run in runs)
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault(tuple(sorted(run["group"].items())), []).append(run)
+        group = dict(run["group"])
+        group["data"] = group.pop("task_config") if not fingerprinted else group["data"]
+        group.pop("task_config", None)
+        groups.setdefault(tuple(sorted(group.items())), []).append(run)
     if len(groups) == 1:
         return [(runs, "")]
     keys = [dict(k) for k in groups]
@@ -191,10 +195,14 @@ def best_step(run_dir: Path, stages: dict) -> int | None:
     return _read_json(best)["step"] if best is not None and best.is_file() else None
 
 
+# overrides that name no setting of a row: the algorithm and seed (said apart), where Hydra and the cache write
+NOT_SETTINGS = ("algo=", "seed=", "hydra.", "cache_dir=")
+
+
 def run_label(algo: str, overrides: list[str]) -> str:
     """The algorithm plus the run's other overrides, so that a sweep over e.g. `rl.lr` keeps
     its settings apart; seeds are what a row aggregates over."""
-    rest = [o for o in overrides if not o.startswith(("algo=", "seed=", "hydra."))]
+    rest = [o for o in overrides if not o.startswith(NOT_SETTINGS)]
     return " ".join([algo, *rest])
 
 
@@ -203,7 +211,7 @@ def shared_overrides(runs: list[dict]) -> list[str]:
     if not runs:
         return []
     common = set(runs[0]["overrides"]).intersection(*(r["overrides"] for r in runs[1:]))
-    return [o for o in runs[0]["overrides"] if o in common and not o.startswith(("algo=", "seed=", "hydra."))]
+    return [o for o in runs[0]["overrides"] if o in common and not o.startswith(NOT_SETTINGS)]
 
 
 def label_runs(runs: list[dict]) -> list[dict]:
