@@ -260,7 +260,9 @@ def test_help_shows_groups_and_what_each_key_means(tmp_path):
     assert re.search(r"^  rl\.epochs=null +set: .* \(A > 0 rows for A-LOL", text, re.M)
     assert re.search(r"^  algo\.keep=positive_advantage +train rows used", text, re.M)
     chosen = lol_rl("train", "task=hf", "--help", cache=tmp_path, timeout=60).stdout
-    assert "task (default hf):" in chosen and re.search(r"^  task\.path=\?\?\? +a data file", chosen, re.M)
+    assert "task (this command line: hf; default toy):" in chosen and re.search(r"^  task\.path=\?\?\? +a data file", chosen, re.M)
+    unknown = lol_rl("train", "algo=nosuch", "--help", cache=tmp_path, timeout=60).stdout
+    assert "algo=nosuch: there is no algo/nosuch.yaml; the options of algo are above" in unknown
     audit = lol_rl("audit", "--help", cache=tmp_path, timeout=60).stdout
     own = audit.split("keys of `lol-rl audit`")[1].split("\n\n")[0]
     assert re.search(r"^  audit\.rows=20 +the lowest-advantage train rows shown$", own, re.M)

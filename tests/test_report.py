@@ -148,6 +148,8 @@ def test_seed_band_is_mean_min_max_over_the_seeds_that_logged_each_step():
 
 @pytest.mark.parametrize("make,message", [
     (lambda tmp: tmp / "nowhere", "nowhere: no such directory"),
+    (lambda tmp: (tmp / "eval.json").write_text("{}") and tmp / "eval.json",
+     "eval.json: not a directory (give a run dir, a sweep dir, or a dir above them)"),
     (lambda tmp: tmp, "no finished run in it or below it (a run dir holds eval.json and stages.json"),
 ])
 def test_report_of_a_missing_or_empty_sweep_is_one_line_and_exit_2(tmp_path, capsys, make, message):

@@ -112,7 +112,13 @@ def command_help(command: str, conf: Path, config_name: str, argv: list[str], us
     lines = [usage.strip(), "", f"config groups ({conf}; pick an option with group=option{adds}):"]
     for group in groups:
         options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        mark = f" (default {chosen[group]})" if group in chosen else ""
+        default = group_defaults(conf / f"{config_name}.yaml").get(group)
+        if group not in chosen:
+            mark = ""
+        elif chosen[group] == default:
+            mark = f" (default {default})"
+        else:
+            mark = f" (this command line: {chosen[group]}" + (f"; default {default})" if default else ")")
         lines.append(f"  {group}{mark}:")
         width = max(len(o) for o in options) + 4
         lines += [f"    {option:<{width}}{header_comment(conf / group / f'{option}.yaml')}".rstrip()
@@ -128,7 +134,11 @@ def command_help(command: str, conf: Path, config_name: str, argv: list[str], us
     for group, option in chosen.items():
         path = conf / group / f"{option}.yaml"
         if path.is_file():
-            lines += ["", f"keys of {group}={option} ({group}/{option}.yaml; set with {group}.<key>=...):",
-                      *format_keys(key_docs(path), prefix=f"{group}.")]
+            top = "# @package _global_" in path.read_text(encoding="utf-8")  # its keys are the run's own
+            lines += ["", f"keys of {group}={option} ({group}/{option}.yaml; set with "
+                          f"{'<key>' if top else group + '.<key>'}=...):",
+                      *format_keys(key_docs(path), prefix="" if top else f"{group}.")]
+        else:
+            lines += ["", f"{group}={option}: there is no {group}/{option}.yaml; the options of {group} are above"]
     lines += ["", "Hydra's own flags and the composed config: --hydra-help, --cfg job"]
     return "\n".join(lines)

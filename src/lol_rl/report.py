@@ -580,6 +580,8 @@ def plot_distributions(task: str, rows: list[dict], path: Path, scale: float) ->
 def write_report(sweep_dir: Path, out_dir: Path) -> str:
     """Tables (table.md, table.csv) and figures of every finished run under `sweep_dir`, into
     `out_dir`; returns the markdown."""
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: not a directory (give a run dir, a sweep dir, or a dir above them)")
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir}: no such directory")
     runs = collect_runs(sweep_dir)
