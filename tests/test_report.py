@@ -300,3 +300,21 @@ def test_report_takes_a_run_dir_a_sweep_or_a_tree_of_them(tmp_path, capsys):
     markdown = write_report(tmp_path, tmp_path / "report")
     assert "## toy" in markdown and "## jsonl" in markdown
     assert "| alol | 4 |" in markdown  # the sweep's four seeds in one row
+
+
+def test_the_sweep_summary_keeps_groups_apart_too(tmp_path):
+    from lol_rl.report import sweep_summary_rows
+
+    jsonl_run(tmp_path, "0", "aaaa1111", None, scored=True)
+    jsonl_run(tmp_path, "1", "aaaa1111", None, scored=True, seed=2)
+    jsonl_run(tmp_path, "2", "bbbb2222", None, scored=True)
+    rows = sweep_summary_rows(collect_runs(tmp_path))
+    assert {name: len(metrics) for name, metrics in rows.items()} == {
+        "pi_ref [jsonl: data aaaa1111]": 1, "alol [jsonl: data aaaa1111]": 2,
+        "pi_ref [jsonl: data bbbb2222]": 1, "alol [jsonl: data bbbb2222]": 1}
+    assert "| alol [jsonl: data bbbb2222] | 1 | 2.500 |" in format_summary(rows)
+    from lol_rl.report import SweepSummary
+
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "| pi_ref [jsonl: data bbbb2222] | 1 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "report" / "table.md").read_text().count("## jsonl: data ") == 2

@@ -241,6 +241,20 @@ def summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
     return rows
 
 
+def sweep_summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
+    """summary_rows of each task and group apart (see group_runs), so that no row mixes runs of
+    other data, reward or model; with several, each row name ends with `[task: what differs]`."""
+    groups = [(task, members, described) for task in dict.fromkeys(r["task"] for r in runs)
+              for members, described in group_runs([r for r in runs if r["task"] == task])]
+    if len(groups) == 1:
+        return summary_rows(runs)
+    rows: dict[str, list[dict]] = {}
+    for task, members, described in groups:
+        tag = task + (f": {described}" if described else "")
+        rows.update({f"{name} [{tag}]": metrics for name, metrics in summary_rows(label_runs(members)).items()})
+    return rows
+
+
 def method_rank(name: str) -> int:
     """A row's place in the paper's order (its name starts with the algo, see run_label)."""
     if name == "pi_ref":
@@ -630,7 +644,7 @@ class SweepSummary(Callback):
         if not runs:
             log.warning("sweep %s finished with no evaluated run", sweep_dir)
             return
-        rows = summary_rows(runs)
+        rows = sweep_summary_rows(runs)
         table = format_summary(rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
         summary = {name: metrics for name, metrics in rows.items()}
