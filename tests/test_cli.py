@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,14 @@ def test_first_run_outputs(first_run, workspace):
     # the reference row and the policy row are both in the printed table
     assert "| pi_ref |" in proc.stdout and "| alol (seed 1) |" in proc.stdout
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert f"run dir: {run_dir}" in proc.stdout and f"policy:  {stages['rl']['dir']}/policy" in proc.stdout
+    assert f"run dir: {run_dir}" in proc.stdout
+    assert f"policy:  {run_dir}/policy -> {stages['rl']['dir']}/policy" in proc.stdout
+    link = run_dir / "policy"  # a relative link to the rl artifact's policy, there from the run dir alone
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    assert link.resolve() == (Path(stages["rl"]["dir"]) / "policy").resolve() and (link / "config.json").is_file()
+    assert not list(run_dir.glob(".policy.tmp-*"))
+    data = json.loads((run_dir / "data.json").read_text())
+    assert data["rows"] == {"train": 200, "validation": 40, "test": 40} and len(data["fingerprint"]) == 16
     for summary in (workspace / "cache").glob("*/*/summary.json"):  # strict JSON: no NaN or -Infinity in any
         json.loads(summary.read_text(), parse_constant=lambda name: pytest.fail(f"{summary} holds {name}"))
 
@@ -234,3 +242,160 @@ def test_bad_reward_component_is_one_clear_line(tmp_path, reward, message):
                   cache=tmp_path / "cache")
     assert proc.returncode == 2
     assert f"lol-rl: {message}" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def _plain_env(**extra: str) -> dict:
+    """The environment of a user's shell: no PYTHONPATH onto the checkout, no LOL_RL_CONF."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LOL_RL_CONF")}
+    return {**env, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **extra}
+
+
+def test_help_shows_groups_and_what_each_key_means(tmp_path):
+    train = lol_rl("train", "--help", cache=tmp_path, timeout=60)
+    assert train.returncode == 0, train.stdout
+    text = train.stdout
+    assert "algo (default alol):" in text and "task (default toy):" in text and "model (default tiny):" in text
+    assert "  dpo " in text and "  hf " in text and "  smollm2 " in text and "  toy_table2 " in text
+    assert "judge:" not in text  # judge's endpoints are not train's
+    # a key, its default and its yaml comment on one line; a wrapped comment joined to it
+    assert re.search(r"^  rl\.lr=3\.0e-4 +AdamW learning rate$", text, re.M)
+    assert re.search(r"^  rl\.epochs=null +set: .* \(A > 0 rows for A-LOL", text, re.M)
+    assert re.search(r"^  algo\.keep=positive_advantage +train rows used", text, re.M)
+    chosen = lol_rl("train", "task=hf", "--help", cache=tmp_path, timeout=60).stdout
+    assert "task (this command line: hf; default toy):" in chosen and re.search(r"^  task\.path=\?\?\? +a data file", chosen, re.M)
+    unknown = lol_rl("train", "algo=nosuch", "--help", cache=tmp_path, timeout=60).stdout
+    assert "algo=nosuch: there is no algo/nosuch.yaml; the options of algo are above" in unknown
+    audit = lol_rl("audit", "--help", cache=tmp_path, timeout=60).stdout
+    own = audit.split("keys of `lol-rl audit`")[1].split("\n\n")[0]
+    assert re.search(r"^  audit\.rows=20 +the lowest-advantage train rows shown$", own, re.M)
+    judge = lol_rl("judge", "--help", cache=tmp_path, timeout=60)  # no out= needed to ask for help
+    assert judge.returncode == 0 and "judge (default local):" in judge.stdout
+    assert re.search(r"^  n=400 +pairs sampled", judge.stdout, re.M) and "rl.lr" not in judge.stdout
+    assert re.search(r"^  judge\.base_url=\S+ +the server's /v1 root", judge.stdout, re.M)
+
+
+def test_config_help_reads_comments_sections_and_quoted_hashes(tmp_path):
+    from lol_rl.config_help import key_docs
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text('defaults:\n  - task: toy\n\na: 1   # the a\nb:     # section b\n  c: "x # y"  # c, with\n'
+                    '              # a second line\n  d: [1, 2]\n# a header, not c\'s\nhydra:\n  run: x  # hidden\n')
+    docs = [(d.key, d.value, d.comment) for d in key_docs(conf)]
+    assert docs == [("a", "1", "the a"), ("b", "", "section b"), ("b.c", '"x # y"', "c, with a second line"),
+                    ("b.d", "[1, 2]", "")]
+
+
+def test_the_package_lists_every_source_folder():
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(find_packages(str(ROOT / "src"))) | {"lol_rl.conf"} == set(listed)
+
+
+def test_a_plain_install_carries_the_configs_and_runs(tmp_path):
+    """`pip install .` (a wheel, not editable) into a fresh venv: lol-rl runs from it with the
+    configs it carries, outside the checkout. --no-deps over the system's packages: no network."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # what the repo ships, copied: the build leaves nothing in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("src", "conf"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    run = lambda *cmd, **kw: subprocess.run(cmd, cwd=tmp_path, env=_plain_env(), text=True, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, timeout=120, **kw)
+    built = run(sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
+                "-q", "-w", str(tmp_path / "wheel"))
+    assert built.returncode == 0, built.stdout[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("lol_rl-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]:
+        top = "src" if path.is_relative_to(ROOT / "src") else "conf"
+        inside = path.relative_to(ROOT / top).as_posix()
+        assert (inside if top == "src" else f"lol_rl/conf/{inside}") in names, path
+
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)).returncode == 0
+    python, command = venv / "bin" / "python", venv / "bin" / "lol-rl"
+    installed = run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                    "--ignore-installed", "-q", str(wheel))
+    assert installed.returncode == 0, installed.stdout[-3000:]
+    site = run(str(python), "-c", "import lol_rl.cli as c; print(c.__file__); print(c.CONF_DIR)").stdout.split()
+    assert [Path(p).is_relative_to(venv) for p in site] == [True, True] and site[1].endswith("lol_rl/conf"), site
+    from importlib.metadata import version
+
+    assert run(str(command), "--version").stdout.strip() == f"lol-rl {version('lol-rl')}"
+    helped = run(str(command), "train", "--help")
+    assert helped.returncode == 0 and f"config groups ({site[1]};" in helped.stdout
+    assert re.search(r"^  rl\.lr=3\.0e-4 +AdamW learning rate$", helped.stdout, re.M)
+    composed = run(str(command), "train", "--cfg", "job", "algo=dpo")  # Hydra composes the installed conf
+    assert composed.returncode == 0 and "name: dpo" in composed.stdout, composed.stdout[-3000:]
+
+
+def test_the_policy_link_is_replaced_whole_and_falls_back_to_a_file(tmp_path, monkeypatch):
+    from lol_rl import artifacts
+    from lol_rl.files import atomic_link
+
+    run_dir, old, new = tmp_path / "outputs" / "run", tmp_path / "cache" / "rl" / "a" / "policy", tmp_path / "b"
+    for path in (run_dir, old, new):
+        path.mkdir(parents=True)
+    assert atomic_link(run_dir / "policy", old) == "symlink"
+    assert os.readlink(run_dir / "policy") == os.path.join("..", "..", "cache", "rl", "a", "policy")
+    assert atomic_link(run_dir / "policy", new) == "symlink" and artifacts.run_policy(run_dir) == new.resolve()
+
+    def no_symlinks(*args, **kwargs):
+        raise OSError("symlinks not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    assert atomic_link(run_dir / "policy", old) == "file"
+    assert (run_dir / "policy").read_text() == f"{old}\n" and artifacts.run_policy(run_dir) == old
+    assert sorted(p.name for p in run_dir.iterdir()) == ["policy"]
+
+
+def test_the_progress_bar_shows_the_last_validation_reward_beside_the_loss(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from lol_rl import loop as loop_module
+    from lol_rl.tracking import MetricsLogger
+
+    shown = []
+
+    class Bar:  # records what tqdm would print after the bar
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, values):
+            shown.append(dict(values))
+
+    monkeypatch.setattr(loop_module, "tqdm", Bar)
+    monkeypatch.setattr(loop_module, "progress_disabled", lambda: False)
+    weight = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(weight.parameters(), lr=0.1)
+    rewards = iter([0.5, 0.75, 0.25])  # steps 0, 2, 4
+    validation = loop_module.Validation(score=lambda model: (next(rewards), {}), on_best=lambda step, score: None,
+                                        interval=2, at_start=True)
+    run = loop_module.Loop(stage="rl", steps=4, step=lambda n: {"loss": float(n)}, model=weight, trainable=weight,
+                           optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                           metrics=MetricsLogger(tmp_path / "metrics.jsonl"), log_interval=1, validation=validation)
+    loop_module.run_loop(run)
+    assert shown[0] == {"val reward": "0.500", "loss": "1.000"}  # pi_ref's, from step 0, beside the first loss
+    assert shown[-1] == {"val reward": "0.250", "loss": "4.000"}
+    assert {"val reward": "0.750", "loss": "2.000"} in shown
+
+    # without a bar (CI, a log file) the log line says it too
+    monkeypatch.setattr(loop_module, "progress_disabled", lambda: True)
+    rewards = iter([0.5, 0.75, 0.25])
+    run.state = {"step": 0, "best": {"score": -math.inf, "step": 0}, "running": {}, "counted": 0, "skipped": 0}
+    run.last_validation = None
+    with caplog.at_level(logging.INFO, logger="lol_rl.loop"):
+        loop_module.run_loop(run)
+    assert "rl: step 3/4 loss 3.0000, last validation reward 0.7500," in caplog.text

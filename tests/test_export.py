@@ -204,3 +204,125 @@ def test_verify_fails_on_other_logits(exported):
     assert verify(out, ids, logits) == 0.0
     with pytest.raises(ExportError, match="logits differ from the policy's by up to"):
         verify(out, ids, [logits[0] + 1e-3])
+
+
+def test_exports_generate_through_the_text_generation_pipeline(exported):
+    """What a user does first with the dir: `pipeline("text-generation", model=dir)`, greedy by
+    the export's generation_config, the same text as generate() on the plain model."""
+    from transformers import AutoTokenizer, pipeline
+
+    from lol_rl.tasks import LOADERS
+
+    for name in ("full", "lora", "lora_adapter"):
+        out, task = exported.dirs[name], open_run(exported.runs[name]).cfg.task
+        prompt = task.prompt_template.format(prompt=LOADERS[task.loader](task)["train"][0].prompt)
+        generator = pipeline("text-generation", model=str(out), device="cpu")
+        text = generator(prompt, return_full_text=False)[0]["generated_text"]
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            expected = model.generate(**ids)[0, ids["input_ids"].shape[1]:]
+        assert text and text == tokenizer.decode(expected, skip_special_tokens=True), name
+        assert generator.model.generation_config.max_new_tokens == json.loads(
+            (out / "generation_config.json").read_text())["max_new_tokens"]
+
+
+class StubHub:
+    """huggingface_hub.HfApi with the network replaced by a dir: what create_repo and
+    upload_folder were called with, and the files an upload would have committed."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __call__(self, token=None, **kwargs):  # HfApi(token=...)
+        StubHub.calls.append(("HfApi", token))
+        return self
+
+    def create_repo(self, repo_id, **kwargs):
+        StubHub.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        StubHub.calls.append(("upload_folder", repo_id, folder_path, kwargs))
+        if StubHub.fail is not None:
+            raise StubHub.fail
+        shutil.copytree(folder_path, self.root / repo_id)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    stub = StubHub(tmp_path / "hub")
+    StubHub.calls, StubHub.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", stub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_stub_token")
+    return stub
+
+
+def test_push_to_hub_uploads_the_checked_export_as_one_commit(exported, hub, tmp_path, capsys):
+    out = tmp_path / "pushed"
+    export_main([str(exported.runs["full"]), "--out", str(out), "--push-to-hub", "me/toy-nll"])
+    assert capsys.readouterr().out.splitlines()[-1] == f"pushed {out} to the hub: https://huggingface.co/me/toy-nll/commit/abc123"
+    (_, token), (_, repo, created), (_, pushed, folder, upload) = StubHub.calls
+    assert token == "hf_stub_token" and repo == pushed == "me/toy-nll" and created["exist_ok"] is True
+    assert Path(folder) == out and upload["repo_type"] == "model" and "toy-nll-s1" in upload["commit_message"]
+    uploaded = hub.root / "me" / "toy-nll"
+    assert sorted(p.name for p in uploaded.iterdir()) == sorted(p.name for p in out.iterdir())
+    assert (uploaded / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda mp, hub_module: mp.delenv("HF_TOKEN"),
+     "lol-rl: --push-to-hub me/x: no Hugging Face token is set (HF_TOKEN, or `hf auth login`); nothing was exported"),
+    (lambda mp, hub_module: mp.setattr(hub_module.constants, "HF_HUB_OFFLINE", True),
+     "lol-rl: --push-to-hub me/x: HF_HUB_OFFLINE is on (lol-rl turns it on unless the environment sets it): "
+     "run with HF_HUB_OFFLINE=0 to upload; nothing was exported"),
+])
+def test_push_without_a_token_or_offline_is_one_line_before_any_work(exported, hub, tmp_path, monkeypatch, capsys,
+                                                                     setup, message):
+    import huggingface_hub
+
+    setup(monkeypatch, huggingface_hub)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(exported.runs["full"]), "--out", str(out), "--push-to-hub", "me/x"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines() == [message]
+    assert not out.exists() and StubHub.calls == [] and not hub.root.exists()
+
+
+def test_push_names_a_bad_repo_id_and_a_failed_upload(exported, hub, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        export_main([str(exported.runs["full"]), "--out", str(tmp_path / "a"), "--push-to-hub", "not a repo"])
+    assert capsys.readouterr().err.splitlines() == [
+        "lol-rl: --push-to-hub 'not a repo' is not a Hugging Face repo id (<user or org>/<name>: letters, digits, "
+        "'-', '_', '.'); nothing was exported"]
+    assert not (tmp_path / "a").exists()
+
+    StubHub.fail = ConnectionError("hub unreachable\nsecond line")
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(exported.runs["full"]), "--out", str(out), "--push-to-hub", "me/x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lol-rl: --push-to-hub me/x: the upload failed (ConnectionError: hub unreachable); the export is in {out}, "
+        f"upload it again with `hf upload me/x {out}`"]
+    assert (out / "model.safetensors").is_file() and not hub.root.exists()
+
+    # an export that fails its check is never uploaded
+    StubHub.calls, StubHub.fail = [], None
+
+    def differs(*args):
+        raise ExportError("the exported model's logits differ")
+
+    monkeypatch.setattr("lol_rl.export.verify", differs)
+    with pytest.raises(SystemExit):
+        export_main([str(exported.runs["full"]), "--out", str(tmp_path / "c"), "--push-to-hub", "me/x"])
+    assert not (tmp_path / "c").exists() and not any(call[0] == "upload_folder" for call in StubHub.calls)

@@ -39,7 +39,8 @@ def test_summary_aggregates_seeds_and_keeps_settings_apart(tmp_path):
 
 
 def test_run_label_drops_seed_algo_and_hydra_overrides():
-    assert run_label("alol", ["algo=alol", "seed=3", "hydra.run.dir=x", "algo.params.eps=0.2"]) == "alol algo.params.eps=0.2"
+    assert run_label("alol", ["algo=alol", "seed=3", "hydra.run.dir=x", "cache_dir=/c", "algo.params.eps=0.2"]) == \
+        "alol algo.params.eps=0.2"
 
 
 # ---------------------------------------------------------------- lol-rl report
@@ -107,8 +108,8 @@ def test_report_puts_tasks_apart_in_the_papers_row_order_with_published_rows_bes
     assert "| wbc | 1 | 3.000 | 0.900 | 0.800 | 0.500 | 0.500 | 0.300 | 12.0 |" in markdown  # one column per component
     assert "| wbc (paper) |  | 2.97 | 0.92 | 0.85 | 0.49 | 0.45 | 0.25 | 15.3 |" in markdown
     csv_lines = format_csv(sections).splitlines()
-    assert csv_lines[0].startswith("task,source,policy,n_seeds,reward_scale,segment/harmless_base_mean,")
-    assert any(line.startswith("hha,ours,alol,2,100.0,58.0") for line in csv_lines)
+    assert csv_lines[0].startswith("task,group,source,policy,n_seeds,reward_scale,segment/harmless_base_mean,")
+    assert any(line.startswith("hha,,ours,alol,2,100.0,58.0") for line in csv_lines)
 
 
 def test_report_without_a_paper_has_no_published_rows(tmp_path):
@@ -147,7 +148,9 @@ def test_seed_band_is_mean_min_max_over_the_seeds_that_logged_each_step():
 
 @pytest.mark.parametrize("make,message", [
     (lambda tmp: tmp / "nowhere", "nowhere: no such directory"),
-    (lambda tmp: tmp, "no finished run (no <job>/eval.json with its stages.json)"),
+    (lambda tmp: (tmp / "eval.json").write_text("{}") and tmp / "eval.json",
+     "eval.json: not a directory (give a run dir, a sweep dir, or a dir above them)"),
+    (lambda tmp: tmp, "no finished run in it or below it (a run dir holds eval.json and stages.json"),
 ])
 def test_report_of_a_missing_or_empty_sweep_is_one_line_and_exit_2(tmp_path, capsys, make, message):
     with pytest.raises(SystemExit) as info:
@@ -204,3 +207,114 @@ def test_the_report_says_when_a_method_never_beat_pi_ref(tmp_path):
     text = format_markdown(build_sections(collect_runs(tmp_path)))
     assert "`nll`: 1 of 2 seeds never beat pi_ref on validation (the policy kept is pi_ref itself, step 0)" in text
     assert "`alol`:" not in text
+
+
+# ---------------------------------------------------------------- which runs are compared
+
+def jsonl_run(root: Path, name: str, fingerprint: str | None, reward, scored: bool, n_layer: int = 1,
+              algo: str = "alol", seed: int = 1) -> Path:
+    """A finished task=jsonl run in its own outputs/<date>/<time> dir, as `lol-rl train` leaves it."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"algo": {"name": algo}, "seed": seed, "reward": reward, "paper": None,
+           "task": {"name": "jsonl", "loader": "jsonl", "train": "data/train.jsonl", "rewards": []},
+           "model": {"name": "tiny", "n_layer": n_layer, "n_embd": 32}}
+    OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+    OmegaConf.save(OmegaConf.create(["task=jsonl", "task.train=data/train.jsonl"]), run / ".hydra" / "overrides.yaml")
+    (run / "stages.json").write_text(json.dumps({"eval_ref": {"dir": f"cache/eval/ref-{fingerprint}-{n_layer}-{reward}"}}))
+    unscored = {"reward": None, "rewards": {}, "length": 5.0, "distinct": [0.1, 0.2, 0.3], "n": 10}
+    score = lambda r: {**unscored, "reward": r, "rewards": {"a": r / 2, "b": r / 2}}
+    (run / "eval.json").write_text(json.dumps({"reference": score(2.0) if scored else unscored,
+                                               "policy": score(2.5) if scored else unscored}))
+    if fingerprint is not None:
+        (run / "data.json").write_text(json.dumps({"fingerprint": fingerprint, "rows": {"train": 8}}))
+    return run
+
+
+def test_runs_whose_data_or_reward_differ_are_never_one_row(tmp_path):
+    """outputs/<date>/: a jsonl run scored by a scorer and one on the data's own rewards, with the
+    same overrides; once merged into one `pi_ref | 2 | n/a` row."""
+    day = tmp_path / "outputs" / "2026-12-03"
+    jsonl_run(day, "10-00-00", "aaaa1111", "examples.support.score:score", scored=True)
+    jsonl_run(day, "11-00-00", "bbbb2222", None, scored=False)
+    sections = build_sections(collect_runs(day))
+    assert [(s.task, s.group) for s in sections] == [
+        ("jsonl", "data aaaa1111, reward reward=examples.support.score:score"),
+        ("jsonl", "data bbbb2222, reward none (the data's rewards)")]
+    assert [[(r.name, r.n_seeds) for r in s.rows] for s in sections] == [[("pi_ref", 1), ("alol", 1)]] * 2
+    markdown = format_markdown(sections)
+    assert "## jsonl: data aaaa1111, reward reward=examples.support.score:score\n" in markdown
+    assert ("group 2 of the 2 groups of task jsonl's runs, which differ in their data and reward: not comparable, "
+            "never aggregated together") in markdown
+    assert "| pi_ref | 2 |" not in markdown and "| pi_ref | 1 | 2.000 |" in markdown
+    assert format_csv(sections).splitlines()[1].startswith("jsonl,\"data aaaa1111, reward reward=examples")
+    out = tmp_path / "report"
+    write_report(day, out)
+    assert {p.name for p in out.glob("*.md")} == {"table.md"}
+
+    # the same data and reward, another model: two groups again, told apart by the model key that differs
+    other = tmp_path / "models"
+    jsonl_run(other, "a", "aaaa1111", None, scored=True, n_layer=1)
+    jsonl_run(other, "b", "aaaa1111", None, scored=True, n_layer=2)
+    jsonl_run(other, "c", "aaaa1111", None, scored=True, n_layer=2, seed=2)
+    groups = [(s.group, [r.n_seeds for r in s.rows]) for s in build_sections(collect_runs(other))]
+    assert groups == [("model.n_layer=1", [1, 1]), ("model.n_layer=2", [1, 2])]
+
+    # one group: no group line, as before
+    same = tmp_path / "same"
+    jsonl_run(same, "a", "aaaa1111", None, scored=True)
+    jsonl_run(same, "b", "aaaa1111", None, scored=True, seed=2)
+    (section,) = build_sections(collect_runs(same))
+    assert section.group == "" and "groups of task" not in format_markdown([section])
+
+
+def test_a_run_from_before_data_json_is_grouped_by_its_task_config(tmp_path):
+    from lol_rl.report import run_group
+
+    first, second = jsonl_run(tmp_path, "a", None, None, True), jsonl_run(tmp_path, "b", None, None, True)
+    cfg = OmegaConf.load(second / "config.yaml")
+    cfg.task.train = "data/other.jsonl"
+    OmegaConf.save(cfg, second / "config.yaml")
+    groups = [run_group(OmegaConf.load(run / "config.yaml"), None) for run in (first, second)]
+    assert groups[0]["data"] is None and groups[0]["task_config"].startswith("task config ")
+    assert groups[0]["task_config"] != groups[1]["task_config"]
+    # beside a run that records its fingerprint, runs of the same task config stay one group
+    third = jsonl_run(tmp_path, "c", "aaaa1111", None, True)
+    sections = build_sections(collect_runs(tmp_path))
+    assert [(s.group, [r.n_seeds for r in s.rows]) for s in sections] == [
+        (f"data {groups[0]['task_config']}", [2, 2]), (f"data {groups[1]['task_config']}", [1, 1])]
+    assert {r["run_dir"].name for r in sections[0].runs} == {"a", "c"}
+
+
+def test_report_takes_a_run_dir_a_sweep_or_a_tree_of_them(tmp_path, capsys):
+    single = jsonl_run(tmp_path / "outputs" / "2026-12-03", "10-00-00", "aaaa1111", None, scored=True)
+    for job in (0, 1, 2, 10):  # a sweep's jobs, 10 after 2
+        report_run(tmp_path / "multirun" / "x", job, "toy", "alol", job + 1, metrics(2.8), metrics(2.6))
+    (tmp_path / "outputs" / ".lol-rl-cache" / "eval" / "k").mkdir(parents=True)  # searched through: no
+    main([str(single)])
+    assert "## jsonl" in capsys.readouterr().out and (single / "report" / "table.md").is_file()
+    assert [r["run_dir"].name for r in collect_runs(tmp_path / "multirun" / "x")] == ["0", "1", "2", "10"]
+    runs = collect_runs(tmp_path)  # the whole tree: single runs and the sweep's
+    assert [r["run_dir"].relative_to(tmp_path).as_posix() for r in runs] == [
+        "multirun/x/0", "multirun/x/1", "multirun/x/2", "multirun/x/10", "outputs/2026-12-03/10-00-00"]
+    markdown = write_report(tmp_path, tmp_path / "report")
+    assert "## toy" in markdown and "## jsonl" in markdown
+    assert "| alol | 4 |" in markdown  # the sweep's four seeds in one row
+
+
+def test_the_sweep_summary_keeps_groups_apart_too(tmp_path):
+    from lol_rl.report import sweep_summary_rows
+
+    jsonl_run(tmp_path, "0", "aaaa1111", None, scored=True)
+    jsonl_run(tmp_path, "1", "aaaa1111", None, scored=True, seed=2)
+    jsonl_run(tmp_path, "2", "bbbb2222", None, scored=True)
+    rows = sweep_summary_rows(collect_runs(tmp_path))
+    assert {name: len(metrics) for name, metrics in rows.items()} == {
+        "pi_ref [jsonl: data aaaa1111]": 1, "alol [jsonl: data aaaa1111]": 2,
+        "pi_ref [jsonl: data bbbb2222]": 1, "alol [jsonl: data bbbb2222]": 1}
+    assert "| alol [jsonl: data bbbb2222] | 1 | 2.500 |" in format_summary(rows)
+    from lol_rl.report import SweepSummary
+
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "| pi_ref [jsonl: data bbbb2222] | 1 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "report" / "table.md").read_text().count("## jsonl: data ") == 2

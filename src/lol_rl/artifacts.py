@@ -40,6 +40,8 @@ RUN_EVAL = "eval.json"  # {"reference": metrics, "policy": metrics}; written bef
 RUN_STAGES = "stages.json"  # stage label -> {dir, cached, seconds}; written last: the run is finished
 RUN_METRICS = "metrics.jsonl"  # every metric record of the run
 RUN_OWNER = ".owner"  # while a run is live: its lease (lease.py); another run refuses the dir
+RUN_DATA = "data.json"  # the task's data fingerprint (what the cache keys hash) and rows per split
+RUN_POLICY = "policy"  # link to the rl artifact's policy dir (or a file holding its path where links fail)
 RUN_OVERRIDES = ".hydra/overrides.yaml"  # Hydra's copy of the command line's overrides (hydra.output_subdir)
 RUN_AUDIT = "audit.md"  # `lol-rl audit`: the table it printed
 RUN_AUDIT_ROWS = "audit.json"  # and its rows, with their text
@@ -91,6 +93,18 @@ def best_checkpoint(rl_dir: Path) -> dict:
 def run_stages(run_dir: Path) -> dict[str, dict]:
     """stage label -> {dir, cached, seconds} of a finished run."""
     return read_json(Path(run_dir) / RUN_STAGES)
+
+
+def run_data(run_dir: Path) -> dict | None:
+    """{"fingerprint", "rows": {split: n}} of a run's task data; None for a run from before it was recorded."""
+    path = Path(run_dir) / RUN_DATA
+    return read_json(path) if path.is_file() else None
+
+
+def run_policy(run_dir: Path) -> Path:
+    """The policy dir a run's `policy` link (or, where links failed, file) points to."""
+    link = Path(run_dir) / RUN_POLICY
+    return link.resolve() if link.is_dir() else Path(link.read_text(encoding="utf-8").strip())
 
 
 def run_eval(run_dir: Path) -> dict:

@@ -9,12 +9,14 @@
     lol-rl judge import out=human/x answers=[a1.csv,a2.csv,a3.csv] verdicts=judged/x/verdicts.jsonl
 
     lol-rl train -m +experiment=toy_table2     # a paper table as a sweep (conf/experiment/)
-    lol-rl report <sweep dir>                  # the paper's layout: tables (md, csv) and plots (png)
+    lol-rl report <run dir | sweep dir | outputs/>   # the paper's layout: tables (md, csv) and plots (png)
     lol-rl audit task=toy                      # the lowest-advantage train rows, the drop and its precision
     lol-rl export <run dir> --out <dir>        # the trained policy as a Hugging Face model dir with a model card
+    lol-rl export <run dir> --out <dir> --push-to-hub <user>/<name>   # and upload it (HF_TOKEN, HF_HUB_OFFLINE=0)
 
-Configs live in conf/ at the repository root (config.yaml lists every key of train, judge.yaml
-of judge; `export` and `import` after `judge` are the same as mode=export / mode=import).
+Configs: conf/ at the repository root, shipped inside the package as lol_rl/conf (config.yaml
+lists every key of train, judge.yaml of judge; `lol-rl train --help` shows them with their
+comments; `export` and `import` after `judge` are the same as mode=export / mode=import).
 """
 
 from __future__ import annotations
@@ -29,7 +31,20 @@ from typing import Any
 
 from .config import register as _register_schema
 
-CONF_DIR = Path(os.environ.get("LOL_RL_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def conf_dir() -> Path:
+    """$LOL_RL_CONF, else the copy an installed package carries (lol_rl/conf, put there by the
+    wheel build: pyproject.toml maps conf/ onto it), else conf/ of the source tree this module
+    runs from (a checkout, an editable install)."""
+    if os.environ.get("LOL_RL_CONF"):
+        return Path(os.environ["LOL_RL_CONF"])
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else here.parents[1] / "conf"
+
+
+CONF_DIR = conf_dir()
 _register_schema()  # conf/config.yaml's defaults name it; anyone composing the config imports this module
 COMMANDS = ("train", "judge", "report", "audit", "export")
 JUDGE_MODES = ("export", "import")  # `lol-rl judge export ...`: sub-modes of one Hydra app
@@ -87,6 +102,30 @@ def _judge(cfg, run_dir: Path):
 
 
 APPS = {"train": ("config", _train), "audit": ("config", _audit), "judge": ("judge", _judge)}
+USAGE = {
+    "train": """lol-rl train [group=option ...] [key=value ...]       one run (outputs/<date>/<time>/)
+lol-rl train -m algo=alol,nll seed=1,2,3              a sweep (multirun/<date>/<time>/<job>/)
+
+The chain sft -> value -> reference -> advantage -> rl -> eval, every stage cached by the config it
+reads; the run dir gets config.yaml, eval.json, stages.json, metrics.jsonl and a `policy` link.""",
+    "audit": """lol-rl audit [group=option ...] [key=value ...]
+
+Builds (or reuses) sft -> value -> reference -> advantage of the same config as `lol-rl train` and
+prints the lowest-advantage train rows, the fraction dropped (A <= 0) and, on the embedded task,
+the drop's precision and recall. It takes every key of train; its own are audit.*.""",
+    "judge": """lol-rl judge a=<run dir> b=test_good judge=gpt4 out=<dir>   pairwise win rates, LLM judge
+lol-rl judge export a=<run dir> b=test_good out=<dir>          forms for human annotators
+lol-rl judge import out=<dir> answers=[a1.csv,...] verdicts=<verdicts.jsonl>""",
+}
+OWN_SECTION = {"audit": "audit"}
+EXTRA_GROUPS = {"train": ("experiment",)}  # groups a command line adds (`+experiment=toy_table2`)
+
+
+def print_help(command: str, argv: list[str]) -> None:
+    from .config_help import command_help
+
+    print(command_help(command, CONF_DIR, APPS[command][0], argv, USAGE[command], OWN_SECTION.get(command),
+                       EXTRA_GROUPS.get(command, ())))
 
 
 def main() -> None:
@@ -107,12 +146,16 @@ def main() -> None:
         print(f"\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
         raise SystemExit(2)
     if not (CONF_DIR / "config.yaml").is_file():
-        raise SystemExit(f"lol-rl: no config.yaml in {CONF_DIR}; install with `pip install -e .` or set LOL_RL_CONF")
+        raise SystemExit(f"lol-rl: no config.yaml in {CONF_DIR}: set LOL_RL_CONF to a conf/ dir, or reinstall "
+                         f"lol-rl (its wheel carries conf/ as lol_rl/conf)")
     command = sys.argv.pop(1)
     sys.argv[0] = f"lol-rl {command}"
     if command == "judge" and len(sys.argv) > 1 and sys.argv[1] in JUDGE_MODES:
         sys.argv.append(f"mode={sys.argv.pop(1)}")
-    if command == "judge" and not any(arg.startswith("out=") for arg in sys.argv) and "--help" not in sys.argv:
+    if command in APPS and ("--help" in sys.argv or "-h" in sys.argv):  # the keys and what they mean, not a dump
+        print_help(command, sys.argv[1:])
+        return
+    if command == "judge" and not any(arg.startswith("out=") for arg in sys.argv) and "--hydra-help" not in sys.argv:
         # Hydra's run dir is `out`; without it Hydra fails with a page of traceback
         print("lol-rl: judge needs out=<dir> (the verdicts go there; the same out continues a killed run)", file=sys.stderr)
         raise SystemExit(2)

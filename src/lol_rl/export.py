@@ -3,6 +3,7 @@
     lol-rl export outputs/2026-12-03/18-24-21 --out exported/toy-alol            # one standalone model
     lol-rl export outputs/2026-12-03/18-24-21 --out exported/toy-alol --adapter  # base weights + LoRA adapter
     lol-rl export <run dir> --out <non-empty dir> --force                         # replace what is there
+    HF_HUB_OFFLINE=0 lol-rl export <run dir> --out exported/x --push-to-hub you/toy-alol  # then upload it
 
 Default: the policy as full weights (a LoRA adapter merged into its base, pi_ref), in
 safetensors, with its tokenizer (and chat template, if it has one), a generation_config of the
@@ -19,6 +20,11 @@ loaded model (peft >= 0.22) gives pi_ref back, as lol-rl's reference is the adap
 The export is built in a temp dir beside --out, reloaded with AutoModelForCausalLM, and its
 logits on the first train prompts are compared with the policy's as the rl stage saved it
 (models.load_policy); it is renamed into place only when they agree within TOLERANCE.
+
+--push-to-hub REPO then uploads the checked dir, as one commit, through huggingface_hub
+(create_repo, exist_ok, then upload_folder) with the token huggingface_hub finds (HF_TOKEN, or
+`hf auth login`'s file). The repo id, the token and the hub's online mode are checked before
+anything is built; an export that fails its check uploads nothing.
 """
 
 from __future__ import annotations
@@ -368,6 +374,48 @@ def config_copy(cfg: DictConfig) -> str:
             f"cache_dir left out\n" + OmegaConf.to_yaml(OmegaConf.create(tree)))
 
 
+# the hub
+
+
+def hub_token(repo: str) -> str:
+    """The token to push `repo` with, after checking the id and that the hub may be reached:
+    one line naming what is missing, before any work."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ExportError(f"--push-to-hub {repo!r} is not a Hugging Face repo id (<user or org>/<name>: letters, "
+                          f"digits, '-', '_', '.'); nothing was exported") from None
+    token = huggingface_hub.get_token()
+    if not token:
+        raise ExportError(f"--push-to-hub {repo}: no Hugging Face token is set (HF_TOKEN, or `hf auth login`); "
+                          f"nothing was exported")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ExportError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is on (lol-rl turns it on unless the environment "
+                          f"sets it): run with HF_HUB_OFFLINE=0 to upload; nothing was exported")
+    return token
+
+
+def push(out: Path, repo: str, token: str, title: str) -> str:
+    """Upload the export in `out` to the model repo `repo` (made if missing) as one commit;
+    returns the commit's URL."""
+    import huggingface_hub
+
+    api = huggingface_hub.HfApi(token=token)
+    try:
+        api.create_repo(repo, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, repo_type="model", folder_path=str(out),
+                                   commit_message=f"lol-rl {__version__} export: {title}")
+    except Exception as err:  # HTTP errors (401, 403, 404), a lost connection: the commit was not made
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ExportError(f"--push-to-hub {repo}: the upload failed ({type(err).__name__}: {first}); the export "
+                          f"is in {out}, upload it again with `hf upload {repo} {out}`") from None
+    return getattr(commit, "commit_url", None) or f"{repo}"
+
+
 # the command
 
 
@@ -385,9 +433,11 @@ def _place(temp: Path, out: Path) -> None:
         old.unlink()
 
 
-def export(run_dir: Path, out: Path, adapter: bool = False, force: bool = False) -> str:
-    """Export the run in `run_dir` to `out`; returns the line that says what was written."""
+def export(run_dir: Path, out: Path, adapter: bool = False, force: bool = False, push_to: str | None = None) -> str:
+    """Export the run in `run_dir` to `out` (and upload it to the hub repo `push_to`); returns
+    the line that says what was written."""
     check_out(out, force)
+    token = hub_token(push_to) if push_to else None
     run = open_run(run_dir)
     check_out(out, force, run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -404,8 +454,12 @@ def export(run_dir: Path, out: Path, adapter: bool = False, force: bool = False)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     kind = "base weights + LoRA adapter" if adapter else "standalone model"
-    return (f"exported the {run.cfg.algo.name} policy of {run_dir} to {out} ({kind}); its logits equal the "
+    line = (f"exported the {run.cfg.algo.name} policy of {run_dir} to {out} ({kind}); its logits equal the "
             f"policy's on {len(inputs)} train prompts (max |difference| {worst:.1e})")
+    if push_to:
+        title = f"{run.cfg.task.name}-{run.cfg.algo.name}-s{run.cfg.seed}"
+        line += f"\npushed {out} to the hub: {push(out, push_to, token, title)}"
+    return line
 
 
 def main(argv: list[str]) -> None:
@@ -415,10 +469,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--adapter", action="store_true",
                         help="a LoRA run: keep the adapter, beside pi_ref's weights, instead of merging it")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="then upload --out to this Hugging Face model repo (HF_TOKEN or `hf auth login`; "
+                             "HF_HUB_OFFLINE=0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        line = export(args.run_dir, args.out, adapter=args.adapter, force=args.force)
+        line = export(args.run_dir, args.out, adapter=args.adapter, force=args.force, push_to=args.push_to_hub)
     except LolRlError as err:
         print(f"lol-rl: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -27,3 +27,26 @@ def follow_umask(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~mask)
+
+
+def atomic_link(path: Path, target: Path) -> str:
+    """`path` -> `target`, replacing whatever `path` was in one rename: a symlink, relative when
+    the two share a root (the pair can move together), else absolute; where symlinks cannot be
+    made (some filesystems, Windows without the privilege) a small text file holding the target's
+    absolute path. Returns "symlink" or "file"."""
+    target = Path(os.path.abspath(target))
+    try:
+        link = Path(os.path.relpath(target, Path(os.path.abspath(path)).parent))
+    except ValueError:  # another drive
+        link = target
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if temp.is_symlink() or temp.exists():
+        temp.unlink()
+    try:
+        os.symlink(link, temp, target_is_directory=True)
+        kind = "symlink"
+    except OSError:
+        temp.write_text(f"{target}\n", encoding="utf-8")
+        kind = "file"
+    os.replace(temp, path)
+    return kind

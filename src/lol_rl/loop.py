@@ -171,6 +171,7 @@ class Loop:
     extra_state: Callable[[], dict] = dict
     load_extra_state: Callable[[dict], None] = lambda state: None
     data_parallel: bool = False  # logged metrics are means over the processes of a data-parallel loop
+    last_validation: float | None = None  # the latest validation reward, shown beside the loss (not checkpointed)
     state: dict = field(default_factory=lambda: {"step": 0, "best": {"score": -math.inf, "step": 0}, "running": {},
                                                   "counted": 0, "skipped": 0})
 
@@ -199,6 +200,7 @@ def run_loop(loop: Loop) -> dict:
         _validate(loop, 0)
     bar = tqdm(range(first, loop.steps + 1), desc=loop.stage, disable=progress_disabled(),
                initial=loop.state["step"], total=loop.steps)
+    postfix = {} if loop.last_validation is None else {"val reward": f"{loop.last_validation:.3f}"}
     for step in bar:
         kill_point(f"{loop.stage}:step:{step}")
         values = loop.step(step)
@@ -206,9 +208,12 @@ def run_loop(loop: Loop) -> dict:
         if (step % loop.log_interval == 0 or step == loop.steps) and loop.state["counted"]:
             row = _log_record(loop, step, started, first)
             if "loss" in row:
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                postfix["loss"] = f"{row['loss']:.3f}"
+                bar.set_postfix(postfix)
         if loop.validation is not None and main and (step % loop.validation.interval == 0 or step == loop.steps):
             _validate(loop, step)
+            postfix["val reward"] = f"{loop.last_validation:.3f}"
+            bar.set_postfix(postfix)
         if loop.checkpoint_interval and step % loop.checkpoint_interval == 0 and step < loop.steps and main:
             loop.state["step"] = step
             save_checkpoint(loop.checkpoint, {
@@ -246,6 +251,8 @@ def _log_record(loop: Loop, step: int, started: float, first: int) -> dict:
     if progress_disabled() and distributed.is_main():  # no bar (CI, a log file): one line instead
         per_step = seconds / (step - first + 1)
         loss = f" loss {row['loss']:.4f}" if "loss" in row else ""
+        if loop.last_validation is not None:
+            loss += f", last validation reward {loop.last_validation:.4f}"
         log.info("%s: step %d/%d%s, %.3f s/step, ETA %.0f s", loop.stage, step, loop.steps, loss, per_step,
                  per_step * (loop.steps - step))
     return row
@@ -259,6 +266,7 @@ def _validate(loop: Loop, step: int) -> None:
     except RewardError as err:  # say where: the same scorer also runs in the value stage, eval, PPO rollouts
         raise RewardError(f"{loop.stage} validation at step {step}: {err}") from None
     loop.metrics.log(f"{loop.stage}/validation", step, reward=score, **details)
+    loop.last_validation = score
     if score > loop.state["best"]["score"]:
         loop.state["best"] = {"score": score, "step": step}
         loop.validation.on_best(step, score)

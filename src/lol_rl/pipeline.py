@@ -22,7 +22,7 @@ from .algorithms import Algorithm, algorithm, preflight
 from .cache import StageCache
 from .config import validate
 from .errors import ConfigError
-from .files import atomic_write_text
+from .files import atomic_link, atomic_write_text
 from .lease import Lease
 from .models import chat_renderer, quantization_config, resolve_device
 from .schedule import resolve_budget
@@ -207,9 +207,13 @@ def _run_train(cfg, run_dir: Path) -> dict:
     if not main:
         return results
     atomic_write_text(run_dir / artifacts.RUN_CONFIG, OmegaConf.to_yaml(chain.cfg, resolve=True))  # resolved budgets
+    data = {"fingerprint": chain.task.fingerprint(), "rows": {s: len(rows) for s, rows in chain.task.splits.items()}}
+    atomic_write_text(run_dir / artifacts.RUN_DATA, json.dumps(data, indent=2))  # lol-rl report groups runs by it
+    policy = chain.build("rl") / artifacts.POLICY
+    atomic_link(run_dir / artifacts.RUN_POLICY, policy)
     atomic_write_text(run_dir / artifacts.RUN_EVAL, json.dumps(results, indent=2))
     atomic_write_text(run_dir / artifacts.RUN_STAGES, json.dumps(chain.cache.timings, indent=2))
     print(format_results({"pi_ref": results["reference"], f"{cfg.algo.name} (seed {cfg.seed})": results["policy"]}))
-    print(f"\nrun dir: {run_dir}\npolicy:  {chain.build('rl') / artifacts.POLICY}\n"
+    print(f"\nrun dir: {run_dir}\npolicy:  {run_dir / artifacts.RUN_POLICY} -> {policy}\n"
           f"export:  lol-rl export {run_dir} --out <dir>")
     return results

@@ -2,6 +2,12 @@
 
     lol-rl report multirun/toy_table2              # -> multirun/toy_table2/report/
     lol-rl report multirun/table4 --out results/   # table.md, table.csv, fig1_*.png, fig2_*.png
+    lol-rl report outputs/2026-12-03/18-24-21      # one run dir
+    lol-rl report outputs                          # every finished run below, sweeps and single runs alike
+
+Runs are compared only where they share the task's data (the fingerprint `lol-rl train` records
+in data.json), its reward and the model: a task whose runs differ in any of them gets one table
+per group, each saying what differs.
 
 At the end of a sweep (`lol-rl train -m ...`) the `SweepSummary` callback prints one table and
 writes `summary.md` / `summary.json` in the sweep dir, then the full report into `report/`.
@@ -14,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -69,12 +77,30 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def collect_runs(sweep_dir: Path) -> list[dict]:
-    """Every finished run under `sweep_dir`: its algo, task, seed, reference and policy metrics.
-    A run is finished once it has both eval.json and stages.json (written last, in that order)."""
+def run_dirs(root: Path) -> list[Path]:
+    """`root` itself when it is a run dir (it holds eval.json), else every run dir below it
+    (a sweep's jobs, outputs/<date>/<time>, a tree of sweeps), in job order: 2 before 10.
+    Hidden dirs (.hydra, a cache) are not searched, nor the inside of a run dir."""
+    if (root / artifacts.RUN_EVAL).is_file():
+        return [root]
+    found = []
+    for here, dirs, files in os.walk(root):
+        if artifacts.RUN_EVAL in files and Path(here) != root:
+            found.append(Path(here))
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return sorted(found, key=lambda p: [(0, int(part), "") if part.isdigit() else (1, 0, part)
+                                        for part in p.relative_to(root).parts])
+
+
+def collect_runs(root: Path) -> list[dict]:
+    """Every finished run at or under `root`: its algo, task, seed, group (data, reward, model),
+    reference and policy metrics. A run is finished once it has both eval.json and stages.json
+    (written last, in that order)."""
     runs = []
-    for eval_path in sorted(sweep_dir.glob(f"*/{artifacts.RUN_EVAL}"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        run_dir = eval_path.parent
+    for run_dir in run_dirs(root):
+        eval_path = run_dir / artifacts.RUN_EVAL
         if not (run_dir / artifacts.RUN_STAGES).is_file():
             continue
         if not (run_dir / artifacts.RUN_CONFIG).is_file():
@@ -82,13 +108,83 @@ def collect_runs(sweep_dir: Path) -> list[dict]:
         cfg = OmegaConf.load(run_dir / artifacts.RUN_CONFIG)
         stages = _read_json(run_dir / artifacts.RUN_STAGES)
         results = _read_json(eval_path)
+        data_file = run_dir / artifacts.RUN_DATA
+        data = _read_json(data_file) if data_file.is_file() else None
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         runs.append({"algo": cfg.algo.name, "task": OmegaConf.select(cfg, "task.name", default="task"),
                      "seed": cfg.seed, "paper": OmegaConf.select(cfg, "paper", default=None),
-                     "overrides": overrides, "run_dir": run_dir, "stages": stages,
+                     "overrides": overrides, "run_dir": run_dir, "stages": stages, "group": run_group(cfg, data),
                      "reference_key": stages["eval_ref"]["dir"], "best_step": best_step(run_dir, stages), **results})
     return label_runs(runs)
+
+
+# ---- what runs may be compared: the same data, reward and model --------------------------
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _compact(value) -> str:
+    """A config value in one short line: [correct, polite], {name: reward, use: hha_rm}."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def run_group(cfg, data: dict | None) -> dict[str, str]:
+    """What a run's numbers depend on besides its algorithm and seed, each as a short string:
+    `data` (the fingerprint of every row, from data.json; None for a run from before it was
+    recorded) and `task_config` (a hash of the task's data settings, what such runs are told
+    apart by), `reward` (the command line's reward=, else the task's reward keys)
+    and `model` (its resolved model config). Runs are aggregated only within one group."""
+    task = _plain(OmegaConf.select(cfg, "task", default=None)) or {}
+    reward_keys = {k: v for k, v in task.items() if "reward" in k}
+    override = _plain(OmegaConf.select(cfg, "reward", default=None))
+    settings = {k: v for k, v in task.items() if k not in reward_keys and k != "name"}
+    task_config = "task config " + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    reward = {"reward": override} if override else reward_keys
+    if not any(v not in (None, [], False) for v in reward.values()):
+        reward_text = "none (the data's rewards)"
+    else:
+        reward_text = ", ".join(f"{k}={_compact(v)}" for k, v in reward.items())
+    model = _plain(OmegaConf.select(cfg, "model", default=None)) or {}
+    return {"data": data["fingerprint"] if data is not None else None, "task_config": task_config,
+            "reward": reward_text, "model": json.dumps(model, sort_keys=True, default=str)}
+
+
+def _model_difference(models: list[dict], model: dict) -> str:
+    """The model keys whose values differ between the groups' models, as this one has them."""
+    keys = sorted({k for m in models for k in m if len({json.dumps(x.get(k), sort_keys=True) for x in models}) > 1})
+    return " ".join(f"model.{k}={_compact(model.get(k))}" for k in keys)
+
+
+def group_runs(runs: list[dict]) -> list[tuple[list[dict], str]]:
+    """The runs of one task split by group; with one group, ("" for its description); with
+    several, each described by what sets it apart: `data ..., reward ..., model ...`."""
+    # the data by its fingerprint, unless a run predates data.json: then every run by its task config
+    fingerprinted = all(run["group"]["data"] is not None for run in runs)
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        group = dict(run["group"])
+        group["data"] = group.pop("task_config") if not fingerprinted else group["data"]
+        group.pop("task_config", None)
+        groups.setdefault(tuple(sorted(group.items())), []).append(run)
+    if len(groups) == 1:
+        return [(runs, "")]
+    keys = [dict(k) for k in groups]
+    differs = [facet for facet in ("data", "reward", "model") if len({k[facet] for k in keys}) > 1]
+    models = [json.loads(k["model"]) for k in keys]
+    described = []
+    for key, members in zip(keys, groups.values()):
+        parts = []
+        for facet in differs:
+            value = _model_difference(models, json.loads(key["model"])) if facet == "model" else key[facet]
+            parts.append(value if facet == "model" else f"{facet} {value}")
+        described.append((members, ", ".join(parts)))
+    return described
 
 
 def best_step(run_dir: Path, stages: dict) -> int | None:
@@ -99,10 +195,14 @@ def best_step(run_dir: Path, stages: dict) -> int | None:
     return _read_json(best)["step"] if best is not None and best.is_file() else None
 
 
+# overrides that name no setting of a row: the algorithm and seed (said apart), where Hydra and the cache write
+NOT_SETTINGS = ("algo=", "seed=", "hydra.", "cache_dir=")
+
+
 def run_label(algo: str, overrides: list[str]) -> str:
     """The algorithm plus the run's other overrides, so that a sweep over e.g. `rl.lr` keeps
     its settings apart; seeds are what a row aggregates over."""
-    rest = [o for o in overrides if not o.startswith(("algo=", "seed=", "hydra."))]
+    rest = [o for o in overrides if not o.startswith(NOT_SETTINGS)]
     return " ".join([algo, *rest])
 
 
@@ -111,7 +211,7 @@ def shared_overrides(runs: list[dict]) -> list[str]:
     if not runs:
         return []
     common = set(runs[0]["overrides"]).intersection(*(r["overrides"] for r in runs[1:]))
-    return [o for o in runs[0]["overrides"] if o in common and not o.startswith(("algo=", "seed=", "hydra."))]
+    return [o for o in runs[0]["overrides"] if o in common and not o.startswith(NOT_SETTINGS)]
 
 
 def label_runs(runs: list[dict]) -> list[dict]:
@@ -138,6 +238,20 @@ def summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
             rows.setdefault("pi_ref", []).append(run["reference"])
     for run in runs:
         rows.setdefault(run["name"], []).append(run["policy"])
+    return rows
+
+
+def sweep_summary_rows(runs: list[dict]) -> dict[str, list[dict]]:
+    """summary_rows of each task and group apart (see group_runs), so that no row mixes runs of
+    other data, reward or model; with several, each row name ends with `[task: what differs]`."""
+    groups = [(task, members, described) for task in dict.fromkeys(r["task"] for r in runs)
+              for members, described in group_runs([r for r in runs if r["task"] == task])]
+    if len(groups) == 1:
+        return summary_rows(runs)
+    rows: dict[str, list[dict]] = {}
+    for task, members, described in groups:
+        tag = task + (f": {described}" if described else "")
+        rows.update({f"{name} [{tag}]": metrics for name, metrics in summary_rows(label_runs(members)).items()})
     return rows
 
 
@@ -211,6 +325,16 @@ class Section:
     published: PublishedTable | None
     shared: list[str]
     never_beat_reference: dict[str, tuple[int, int]]  # name -> (seeds that kept pi_ref, seeds)
+    group: str = ""  # what sets this group of the task's runs apart from its others ("": the task has one)
+    groups: int = 1  # how many groups the task's runs fall into
+    slug: str = ""  # the figures' file name part: the task, and the group's number when it has several
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def group_facets(self) -> str:
+        """'data and reward': what the task's groups differ in, from this group's description."""
+        facets = [f for f in ("data", "reward", "model") if any(p.startswith(f) for p in self.group.split(", "))]
+        return " and ".join(facets)
 
     @property
     def reward_scale(self) -> float:
@@ -247,7 +371,7 @@ def section_paper(task: str, runs: list[dict]) -> PublishedTable | None:
     return PUBLISHED.get(papers.pop() or "", {}).get(task)
 
 
-def build_section(task: str, runs: list[dict]) -> Section:
+def build_section(task: str, runs: list[dict], group: str = "", groups: int = 1, number: int = 1) -> Section:
     runs = label_runs(runs)  # within one task, `task=` and the like set no row apart
     published = section_paper(task, runs)
     grouped = paper_order(summary_rows(runs))
@@ -263,7 +387,8 @@ def build_section(task: str, runs: list[dict]) -> Section:
         last_of_algo = i + 1 == len(names) or names[i + 1].split()[0] != algo
         if published and last_of_algo and (paper := published_row(published, algo, algo)):
             rows.append(paper)
-    return Section(task, columns, rows, published, shared_overrides(runs), kept_reference(runs))
+    return Section(task, columns, rows, published, shared_overrides(runs), kept_reference(runs), group, groups,
+                   task if groups == 1 else f"{task}-{number}", runs)
 
 
 def kept_reference(runs: list[dict]) -> dict[str, tuple[int, int]]:
@@ -276,8 +401,13 @@ def kept_reference(runs: list[dict]) -> dict[str, tuple[int, int]]:
 
 
 def build_sections(runs: list[dict]) -> list[Section]:
-    tasks = list(dict.fromkeys(r["task"] for r in runs))
-    return [build_section(task, [r for r in runs if r["task"] == task]) for task in tasks]
+    """One section per task, or per group of a task whose runs differ in data, reward or model."""
+    sections = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        groups = group_runs([r for r in runs if r["task"] == task])
+        sections += [build_section(task, members, group, len(groups), number)
+                     for number, (members, group) in enumerate(groups, start=1)]
+    return sections
 
 
 def format_cell(mean: float | None, std: float | None, digits: int, source: str) -> str:
@@ -296,7 +426,11 @@ def column_digits(column: Column, scale: float) -> int:
 
 def format_section(section: Section) -> str:
     title = f"## {section.task}" + (f" ({section.published.section})" if section.published else "")
+    title += f": {section.group}" if section.group else ""
     lines = [title, ""]
+    if section.group:
+        lines += [f"group {section.slug.rsplit('-', 1)[1]} of the {section.groups} groups of task {section.task}'s runs, "
+                  f"which differ in their {section.group_facets}: not comparable, never aggregated together", ""]
     if section.shared:
         lines += [f"every run: `{' '.join(section.shared)}`", ""]
     header = ["policy", "seeds", *(c.header for c in section.columns)]
@@ -326,12 +460,12 @@ def format_csv(sections: list[Section]) -> str:
     keys = list(dict.fromkeys(c.key for s in sections for c in s.columns))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "source", "policy", "n_seeds", "reward_scale",
+    writer.writerow(["task", "group", "source", "policy", "n_seeds", "reward_scale",
                      *(f"{k}_{stat}" for k in keys for stat in ("mean", "std"))])
     for section in sections:
         for row in section.rows:
             cells = [row.cells.get(k, (None, None)) for k in keys]
-            writer.writerow([section.task, row.source, row.name, "" if row.n_seeds is None else row.n_seeds,
+            writer.writerow([section.task, section.group, row.source, row.name, "" if row.n_seeds is None else row.n_seeds,
                              section.reward_scale, *("" if v is None else repr(v) for cell in cells for v in cell)])
     return buffer.getvalue()
 
@@ -460,33 +594,37 @@ def plot_distributions(task: str, rows: list[dict], path: Path, scale: float) ->
 def write_report(sweep_dir: Path, out_dir: Path) -> str:
     """Tables (table.md, table.csv) and figures of every finished run under `sweep_dir`, into
     `out_dir`; returns the markdown."""
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: not a directory (give a run dir, a sweep dir, or a dir above them)")
     if not sweep_dir.is_dir():
         raise ReportError(f"{sweep_dir}: no such directory")
     runs = collect_runs(sweep_dir)
     if not runs:
-        raise ReportError(f"{sweep_dir}: no finished run (no <job>/eval.json with its stages.json)")
+        raise ReportError(f"{sweep_dir}: no finished run in it or below it (a run dir holds eval.json and "
+                          f"stages.json once `lol-rl train` finishes)")
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = build_sections(runs)
     markdown = format_markdown(sections)
     atomic_write(out_dir / "table.md", lambda temp: temp.write_text(markdown))
     atomic_write(out_dir / "table.csv", lambda temp: temp.write_text(format_csv(sections)))
     for section in sections:
-        task_runs = [r for r in runs if r["task"] == section.task]
-        if not plot_validation(section.task, task_runs, out_dir / f"fig2_validation_{section.task}.png", section.reward_scale):
-            log.info("report: %s: no validation records, no fig2", section.task)
-        rows = advantage_rows(task_runs)
+        title = f"{section.task} ({section.group})" if section.group else section.task
+        if not plot_validation(title, section.runs, out_dir / f"fig2_validation_{section.slug}.png", section.reward_scale):
+            log.info("report: %s: no validation records, no fig2", title)
+        rows = advantage_rows(section.runs)
         if rows:
-            plot_distributions(section.task, rows, out_dir / f"fig1_distributions_{section.task}.png", section.reward_scale)
+            plot_distributions(title, rows, out_dir / f"fig1_distributions_{section.slug}.png", section.reward_scale)
         else:
-            log.info("report: %s: no run has an advantage stage (or its rows.jsonl is gone), no fig1", section.task)
+            log.info("report: %s: no run has an advantage stage (or its rows.jsonl is gone), no fig1", title)
     log.info("report: %d runs, written to %s", len(runs), out_dir)
     return markdown
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lol-rl report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="a finished Hydra sweep dir (<sweep>/<job>/eval.json)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep dir>/report/)")
+    parser.add_argument("sweep_dir", type=Path, metavar="dir",
+                        help="a run dir, a sweep dir, or any dir with finished runs below it (outputs/, multirun/)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: <dir>/report/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -506,7 +644,7 @@ class SweepSummary(Callback):
         if not runs:
             log.warning("sweep %s finished with no evaluated run", sweep_dir)
             return
-        rows = summary_rows(runs)
+        rows = sweep_summary_rows(runs)
         table = format_summary(rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
         summary = {name: metrics for name, metrics in rows.items()}
