@@ -257,8 +257,10 @@ def versions() -> dict:
 
     commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
                             capture_output=True, text=True).stdout.strip()
+    bitsandbytes = version("bitsandbytes") if bitsandbytes_problem() is None else "not importable"
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            **{p: version(p) for p in ("transformers", "peft", "bitsandbytes")}, "lol-rl": commit or "unknown"}
+            "transformers": version("transformers"), "peft": version("peft"), "bitsandbytes": bitsandbytes,
+            "lol-rl": commit or "unknown"}
 
 
 def main() -> None:
