@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import re
@@ -80,6 +79,12 @@ SMOKE_OVERRIDES = ["device=cpu", "rl.batch_size=2", "model.max_prompt_tokens=12"
 GPU_STEPS = {"warmup": 3, "rounds": 4, "steps_per_round": 5, "generation_repeats": 3}
 SMOKE_STEPS = {"warmup": 1, "rounds": 2, "steps_per_round": 2, "generation_repeats": 2}
 PAD, EOS = 0, 2  # token ids of the random model; data ids start above them
+FLOPS_CONVENTION = ("training: 6 x parameters x tokens per step (prompt + response tokens of every sequence; with a "
+                    "frozen base and gradient checkpointing a step does about that: forward, recomputed forward, "
+                    "input gradients); generation: 2 x parameters x (prompt + generated tokens)")
+MEMORY = {"cuda": "torch.cuda.max_memory_allocated, reset before each phase (bitsandbytes' paged optimizer state "
+                  "is not in it)",
+          "cpu": "peak RSS of the process (VmHWM), reset before each phase"}
 
 
 def run_config(name: str, smoke: bool):
@@ -124,7 +129,7 @@ def peak_tflops(name: str, measured: float) -> tuple[float, str]:
                       f"measured here (matmul_tflops_measured), not a datasheet peak")
 
 
-def build_checkpoint(shape: dict, dtype: torch.dtype, device: torch.device, path: Path) -> tuple[int, LlamaConfig]:
+def build_checkpoint(shape: dict, dtype: torch.dtype, device: torch.device, path: Path) -> int:
     """A random LLaMA saved as a plain checkpoint; its parameter count (before quantization)."""
     config = LlamaConfig(**shape, tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
     with torch.device(device):  # initialised where it runs: seconds on a GPU for 1B parameters
@@ -134,7 +139,7 @@ def build_checkpoint(shape: dict, dtype: torch.dtype, device: torch.device, path
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return n_params, config
+    return n_params
 
 
 def bitsandbytes_problem() -> str | None:
@@ -150,16 +155,17 @@ def load_policy(path: Path, model_cfg, device: torch.device) -> tuple[torch.nn.M
     quantization it got. models.quantization_config refuses 4-bit on a CPU as a run setting; the
     smoke asks it for the same NF4 config and loads it on the CPU, which bitsandbytes >= 0.45 can."""
     problem = bitsandbytes_problem()
-    if problem is None and device.type == "cuda":
-        base, quantization = load_base(path, model_cfg, device), "nf4 (bitsandbytes, double quantization)"
-    elif problem is None:
+    if problem is None:
         try:
-            base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=compute_dtype(model_cfg, device), device_map={"": "cpu"},
-                quantization_config=quantization_config(model_cfg, torch.device("cuda")))
-            quantization = "nf4 (bitsandbytes, double quantization, on CPU)"
-        except Exception as err:
-            problem = f"4-bit on CPU failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if device.type == "cuda":
+                base, quantization = load_base(path, model_cfg, device), "nf4 (bitsandbytes, double quantization)"
+            else:
+                base = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=compute_dtype(model_cfg, device), device_map={"": "cpu"},
+                    quantization_config=quantization_config(model_cfg, torch.device("cuda")))
+                quantization = "nf4 (bitsandbytes, double quantization, on CPU)"
+        except Exception as err:  # a native library that does not load, a kernel this device lacks
+            problem = f"4-bit load failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if problem is not None:
         print(f"gpu_check: no 4-bit ({problem}); LoRA over {compute_dtype(model_cfg, device)} weights", file=sys.stderr)
         with open_dict(model_cfg):
@@ -178,7 +184,8 @@ def random_rows(batch_size: int, prompt_tokens: int, response_tokens: int, vocab
     def ids(length: int) -> list[list[int]]:
         return torch.randint(EOS + 1, vocab, (batch_size, length), generator=generator).tolist()
 
-    return TokenizedRows(ids(prompt_tokens), ids(response_tokens), PAD, extra_responses={REJECTED: ids(response_tokens)})
+    return TokenizedRows(ids(prompt_tokens), ids(response_tokens), PAD,
+                         extra_responses={REJECTED: ids(response_tokens)})
 
 
 def train_setup(policy, rows: TokenizedRows, cfg, device: torch.device) -> dict:
@@ -286,23 +293,18 @@ def main() -> None:
                                                   cfg.model.max_response_tokens)
     torch.manual_seed(0)
 
-    name = device_name(device)
+    label = device_name(device)
     measured = matmul_tflops(device, dtype)
-    peak, peak_source = peak_tflops(name, measured) if not smoke else (
+    peak, peak_source = peak_tflops(label, measured) if not smoke else (
         measured, "cpu smoke: no datasheet peak for a CPU, so MFU is over the matmul rate measured here")
-    report = {"mode": "cpu smoke" if smoke else "gpu", "complete": False, "device": name, "versions": versions(),
-              "settings": "+experiment=table2" + (" " + " ".join(SMOKE_OVERRIDES) if smoke else ""),
-              "dtype": str(dtype).removeprefix("torch."),
+    report = {"mode": "cpu smoke" if smoke else "gpu", "complete": False, "device": label, "versions": versions(),
+              "settings": " ".join(["+experiment=table2", *(SMOKE_OVERRIDES if smoke else [])]),
+              "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
               "peak_tflops": peak, "peak_tflops_source": peak_source, "matmul_tflops_measured": measured,
-              "flops_convention": "training: 6 x parameters x tokens per step (prompt + response tokens of every "
-                                  "sequence; with a frozen base and gradient checkpointing the step does about "
-                                  "that: forward, recomputed forward, input gradients); generation: 2 x parameters "
-                                  "x (prompt + generated tokens)",
-              "threads": torch.get_num_threads(), "memory": "torch.cuda.max_memory_allocated, reset before each phase (bitsandbytes' paged optimizer "
-                        "state is not in it)" if device.type == "cuda" else "peak RSS of the process (VmHWM), reset "
-                        "before each phase", "steps": steps}
+              "flops_convention": FLOPS_CONVENTION, "memory": MEMORY[device.type], "steps": steps}
 
     def write() -> None:
+        report.pop("wall_seconds", None)  # kept last
         report["wall_seconds"] = time.perf_counter() - started
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -310,17 +312,17 @@ def main() -> None:
     reset_peak_memory(device)
     load_started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as checkpoint:
-        n_params, config = build_checkpoint(shape, dtype, device, Path(checkpoint))
+        n_params = build_checkpoint(shape, dtype, device, Path(checkpoint))
         policy, quantization = load_policy(Path(checkpoint), cfg.model, device)
     load_seconds = time.perf_counter() - load_started
     optimizer_name = "adamw" if smoke or "none" in quantization else cfg.model.optimizer
     optimizer = make_optimizer(policy, cfg.rl, optimizer_name)
     report["model"] = {"arch": "llama", **shape, "tie_word_embeddings": False, "parameters": n_params,
-                       "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad),
-                       "linear_4bit_modules": sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
-                                                  for m in policy.modules())}  # not peft's wrappers of them
-    if report["model"]["linear_4bit_modules"] == 0:
-        del report["model"]["linear_4bit_modules"]
+                       "trainable_parameters": sum(p.numel() for p in policy.parameters() if p.requires_grad)}
+    quantized = sum(type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+                    for m in policy.modules())  # bitsandbytes' layers, not peft's LoRA wrappers of them
+    if quantized:
+        report["model"]["linear_4bit_modules"] = quantized
     report.update(quantization=quantization, lora=dict(cfg.model.lora), optimizer=optimizer_name,
                   gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
                   load={"seconds": load_seconds, "peak_memory_mib": peak_memory(device) / 2**20})

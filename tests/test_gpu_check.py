@@ -56,7 +56,8 @@ def test_cpu_smoke_writes_one_json_of_positive_finite_figures(tmp_path):
     head_dim = m["hidden_size"] // m["num_attention_heads"]
     per_layer = (2 * m["hidden_size"] ** 2 + 2 * m["hidden_size"] * m["num_key_value_heads"] * head_dim
                  + 3 * m["hidden_size"] * m["intermediate_size"] + 2 * m["hidden_size"])
-    assert m["parameters"] == 2 * m["vocab_size"] * m["hidden_size"] + m["num_hidden_layers"] * per_layer + m["hidden_size"]
+    embeddings_and_head = 2 * m["vocab_size"] * m["hidden_size"]
+    assert m["parameters"] == embeddings_and_head + m["num_hidden_layers"] * per_layer + m["hidden_size"]
 
     found = dict(figures(report))
     assert len(found) > 30
