@@ -19,10 +19,10 @@ tokens for 32 prompts. Phases, each with its peak memory reset before it:
   generate greedy decoding with the KV cache, every row exactly max_new_tokens long;
   MFU      model FLOPs over the GPU's dense bf16 peak (PEAK_TFLOPS, by device name; an unknown
            name falls back to a bf16 matmul rate measured here, and peak_tflops_source says so).
-The JSON is rewritten after every phase, so a run stopped early keeps what it measured. Without
-bitsandbytes (the GPU machine's image may lack it: `make gpu-check-deps` copies it and the config
-packages into .gpu-deps/, which this script puts on sys.path last) the run goes on without 4-bit
-and says so in `quantization`.
+The JSON is rewritten after every phase, so a run stopped early keeps what it measured. The
+GPU machine's image may lack hydra-core, omegaconf and bitsandbytes: `make gpu-check-deps`
+copies them into .gpu-deps/ (or $GPU_CHECK_DEPS), which this script puts on sys.path after
+site-packages. Without bitsandbytes the run goes on without 4-bit and says so in `quantization`.
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if (ROOT / ".gpu-deps").is_dir():  # after site-packages: only what the machine lacks comes from here
-    sys.path.append(str(ROOT / ".gpu-deps"))
+DEPS = Path(os.environ.get("GPU_CHECK_DEPS", ROOT / ".gpu-deps"))  # what `make gpu-check-deps` writes
+if DEPS.is_dir():  # after site-packages: only what the machine lacks comes from here
+    sys.path.append(str(DEPS))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
+
+try:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+except ModuleNotFoundError as err:
+    sys.exit(f"gpu_check: {err.name} is not installed here and not in {DEPS}; run `make gpu-check-deps` on a "
+             f"machine that has lol-rl's dependencies installed and carry .gpu-deps/ with the working tree")
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 

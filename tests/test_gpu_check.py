@@ -1,10 +1,12 @@
 """scripts/gpu_check.sh: the GPU check's code path, run on CPU with --cpu-smoke through the one
-command, and its peak-FLOPS table on hand-written device names."""
+command (also as on an image that lacks hydra and bitsandbytes, with what `make gpu-check-deps`
+copies), and its peak-FLOPS table on hand-written device names."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,40 @@ def test_cpu_smoke_writes_one_json_of_positive_finite_figures(tmp_path):
     assert len(found) > 30
     bad = {path: value for path, value in found.items() if not (math.isfinite(value) and value > 0)}
     assert not bad, bad
+
+
+# a sitecustomize that hides packages installed here, as a GPU image without them would lack them
+HIDE = """import sys
+from importlib.machinery import PathFinder
+HIDDEN = {"hydra", "omegaconf", "antlr4", "bitsandbytes"}
+class Hide:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] not in HIDDEN or path is not None:
+            return None
+        spec = PathFinder.find_spec(name, [p for p in sys.path if "site-packages" not in p])
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden)", name=name)
+        return spec
+sys.meta_path.insert(0, Hide)
+"""
+
+
+def test_on_an_image_without_hydra_or_bitsandbytes_the_copied_deps_run_it(tmp_path):
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hide"), "GPU_CHECK_DEPS": str(tmp_path / "deps")}
+    command = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke", str(tmp_path / "out.json")]
+    bare = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert bare.returncode != 0 and "make gpu-check-deps" in bare.stderr, bare.stderr[-2000:]
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_deps.py"), "--out", str(tmp_path / "deps")],
+                   check=True, capture_output=True)
+    assert not list((tmp_path / "deps" / "bitsandbytes").glob("libbitsandbytes_cuda12*"))  # only CUDA 13 and CPU
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["complete"] is True and report["quantization"].startswith("nf4")
 
 
 @pytest.fixture()
