@@ -82,8 +82,12 @@ ALGOS = ["nll", "alol", "dpo"]
 # the GPU run: table2's settings as they are; the smoke shrinks every size so that it takes seconds
 SMOKE_OVERRIDES = ["device=cpu", "rl.batch_size=2", "model.max_prompt_tokens=12", "model.max_response_tokens=8",
                    "model.lora.r=8", "generation.batch_size=2", "generation.max_new_tokens=8"]
-GPU_STEPS = {"warmup": 3, "rounds": 4, "steps_per_round": 5, "generation_repeats": 3}
-SMOKE_STEPS = {"warmup": 1, "rounds": 2, "steps_per_round": 2, "generation_repeats": 2}
+# steps per round shrink when the warm-up says the timed rounds would take over train_budget_s, and
+# generation repeats when they would take over generation_budget_s
+GPU_STEPS = {"warmup": 3, "rounds": 4, "steps_per_round": 5, "train_budget_s": 180, "generation_repeats": 3,
+             "generation_budget_s": 60}
+SMOKE_STEPS = {"warmup": 1, "rounds": 2, "steps_per_round": 2, "train_budget_s": 60, "generation_repeats": 2,
+               "generation_budget_s": 30}
 PAD, EOS = 0, 2  # token ids of the random model; data ids start above them
 FLOPS_CONVENTION = ("training: 6 x parameters x tokens per step (prompt + response tokens of every sequence; with a "
                     "frozen base and gradient checkpointing a step does about that: forward, recomputed forward, "
@@ -218,23 +222,27 @@ def train_phase(policy, setups: dict, optimizer, grad_clip: float, device: torch
 
     times = {name: [] for name in setups}
     peaks = {name: 0 for name in setups}
+    per_round = steps["steps_per_round"]
     for round_ in range(steps["rounds"] + 1):  # round 0 is the warm-up
         for name, setup in setups.items():
             reset_peak_memory(device)
-            for _ in range(steps["warmup"] if round_ == 0 else steps["steps_per_round"]):
+            for _ in range(steps["warmup"] if round_ == 0 else per_round):
                 synchronize(device)
                 started = time.perf_counter()
                 step(setup)
                 synchronize(device)
-                if round_ > 0:
-                    times[name].append(time.perf_counter() - started)
+                times[name].append(time.perf_counter() - started)
             peaks[name] = max(peaks[name], peak_memory(device))
+        if round_ == 0:  # a slower GPU times fewer steps per round, so that the whole check fits its 8 minutes
+            last_warmup = sum(times[name][-1] for name in setups)
+            per_round = max(1, min(per_round, int(steps["train_budget_s"] / (steps["rounds"] * last_warmup))))
+            times = {name: [] for name in setups}
     return {name: {"step_seconds": statistics.median(times[name]), "timed_steps": len(times[name]),
                    "peak_memory_mib": peaks[name] / 2**20} for name in setups}
 
 
 def generation_phase(policy, batch_size: int, prompt_tokens: int, new_tokens: int, vocab: int,
-                     device: torch.device, repeats: int) -> dict:
+                     device: torch.device, repeats: int, budget_s: float) -> dict:
     """Greedy decoding with the KV cache, as generate.generate calls it (left padding, no
     sampling, one beam); min_new_tokens keeps a random model from stopping at EOS early."""
     prompts = torch.randint(EOS + 1, vocab, (batch_size, prompt_tokens), generator=torch.Generator().manual_seed(1))
@@ -255,9 +263,12 @@ def generation_phase(policy, batch_size: int, prompt_tokens: int, new_tokens: in
 
     run(min(4, new_tokens))  # warm-up
     reset_peak_memory(device)
-    seconds = statistics.median(run(new_tokens) for _ in range(repeats))
+    runs = [run(new_tokens)]
+    while len(runs) < repeats and sum(runs) + runs[0] <= budget_s:  # fewer repeats on a slow GPU
+        runs.append(run(new_tokens))
+    seconds = statistics.median(runs)
     return {"batch_size": batch_size, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "seconds": seconds,
-            "generated_tokens_per_s": batch_size * new_tokens / seconds, "repeats": repeats,
+            "generated_tokens_per_s": batch_size * new_tokens / seconds, "repeats": len(runs),
             "peak_memory_mib": peak_memory(device) / 2**20}
 
 
@@ -348,7 +359,8 @@ def main() -> None:
     write()
 
     generation = generation_phase(policy, cfg.generation.batch_size, prompt_tokens, cfg.generation.max_new_tokens,
-                                  shape["vocab_size"], device, steps["generation_repeats"])
+                                  shape["vocab_size"], device, steps["generation_repeats"],
+                                  steps["generation_budget_s"])
     processed = generation["batch_size"] * (prompt_tokens + generation["new_tokens"])
     generation["mfu"] = 2 * n_params * processed / generation["seconds"] / (peak * 1e12)
     report["generation"] = generation
