@@ -70,9 +70,9 @@ from peak_memory import peak_memory, reset_peak_memory  # noqa: E402  (scripts/p
 
 # dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOPS; first match wins
 PEAK_TFLOPS = [
-    (r"GH200|H200", 989.0), (r"H100.*PCIe", 756.0), (r"H100.*NVL", 835.0), (r"H100|H800", 989.0),
-    (r"B200", 2250.0), (r"A100|A800", 312.0), (r"L40S", 362.0), (r"\bL40\b", 181.0), (r"\bL4\b", 121.0),
-    (r"\bA10\b", 125.0),
+    (r"H200.*NVL", 835.0), (r"GH200|H200", 989.0), (r"H100.*PCIe", 756.0), (r"H100.*NVL", 835.0),
+    (r"H100|H800", 989.0), (r"B200", 2250.0), (r"A100|A800", 312.0), (r"L40S", 362.0), (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0), (r"\bA10\b", 125.0),
 ]
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)

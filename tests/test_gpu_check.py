@@ -112,7 +112,8 @@ def peak_tflops():
 
 
 @pytest.mark.parametrize("name, datasheet", [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                             ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                             ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200 NVL", 835.0),
+                                             ("NVIDIA A100-SXM4-80GB", 312.0),
                                              ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0), ("NVIDIA A10", 125.0)])
 def test_peak_tflops_by_device_name(peak_tflops, name, datasheet):
     peak, source = peak_tflops(name, measured=1.0)
