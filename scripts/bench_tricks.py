@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import statistics
 import subprocess
@@ -43,6 +41,7 @@ from lol_rl.logprobs import response_logprobs, to_device
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy, load_base, reference_policy, resolve_device
 from lol_rl.tasks import build_task
+from peak_memory import peak_memory, reset_peak_memory  # scripts/peak_memory.py
 
 ROWS = {
     "copy": "reference: a second model copy, recomputed each step",
@@ -62,25 +61,6 @@ def config(overrides: list[str], row: str):
         if row != "bf16":
             cfg.model.dtype = "fp32"
     return cfg
-
-
-def reset_peak_memory(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: give freed heap back to the OS, then reset the process's peak RSS (VmHWM)
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_memory(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
