@@ -1,7 +1,8 @@
 """An algorithm, declared once: its yaml names a loss (or the online trainer), which rows it
 keeps and how it samples them; everything else follows from the loss's signature in losses.py.
 A parameter `rejected_logprobs` means it reads the rejected response group, `ref_logprobs`
-the reference log-probs, `advantages` the advantage stage, and so on. The preflight, the stages
+the reference log-probs, `advantages` the advantage stage, `mismatched_ref_logprobs` the
+reference log-probs of the mismatched pairs (their own stage), and so on. The preflight, the stages
 a run builds and the tensors the loop hands the loss all come from here."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from .data import RANKING, REJECTED, RESPONSE
+from .data import MISMATCHED, RANKING, REJECTED, RESPONSE
 from .errors import ConfigError
 from .losses import LOSSES, check_params
 
@@ -17,7 +18,8 @@ TRAINERS = ("offline", "ppo")
 KEEP = ("all", "positive_advantage")  # every train row | the rows with A > 0
 SAMPLING = ("uniform", "shuffle", "advantage", "reward")  # the last two: with replacement, prob. proportional
 
-GROUP_PREFIXES = {REJECTED: f"{REJECTED}_", RANKING: f"{RANKING}_"}  # a loss parameter's group, by its prefix
+# a loss parameter's group, by its prefix
+GROUP_PREFIXES = {REJECTED: f"{REJECTED}_", RANKING: f"{RANKING}_", MISMATCHED: f"{MISMATCHED}_"}
 ROW_TENSORS = {"advantages": "advantage", "rewards": "reference", "ranking_rewards": "reference"}  # name -> stage
 
 # what a task must provide (Task.provides) for a response group or a trainer
@@ -64,9 +66,11 @@ class Algorithm:
         wanted = {ROW_TENSORS[name] for name in self.loss_inputs if name in ROW_TENSORS}
         if self.reads_reference or self.sampling == "reward":
             wanted.add("reference")
+        if self.reads_reference and MISMATCHED in self.groups:  # cached apart: no other algorithm pays for it
+            wanted.add("mismatched")
         if self.keep == "positive_advantage" or self.sampling == "advantage":
             wanted.add("advantage")
-        return ("sft", *(stage for stage in ("reference", "advantage") if stage in wanted))
+        return ("sft", *(stage for stage in ("reference", "mismatched", "advantage") if stage in wanted))
 
     def task_needs(self) -> list[tuple[str, str]]:
         """(provision, description) the task must have: Task.provides() names the provisions."""

@@ -3,9 +3,11 @@ what a run needs of them (each cached under the hash of exactly the config it de
 
     sft -> value -----------+
       \\-> reference -> advantage -> rl -> eval        (eval_ref: pi_ref through the same eval)
+      \\-> mismatched -----------------> rl             (KTO only: pi_ref on mismatched pairs)
 
-Which of value / reference / advantage a run builds follows from its algorithm (algorithms.py):
-NLL reads none of them, wBC the reference stage's rewards, A-LOL all three."""
+Which of value / reference / mismatched / advantage a run builds follows from its algorithm (algorithms.py):
+NLL reads none of them, wBC the reference stage's rewards, A-LOL all three, KTO the reference
+and the mismatched pairs' log-probs."""
 
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ from .tracking import MetricsLogger, StageRecords
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, advantage.STAGE, rl.STAGE,
-                             evaluate.REFERENCE, evaluate.POLICY)
+STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, reference.MISMATCHED_STAGE, advantage.STAGE,
+                             rl.STAGE, evaluate.REFERENCE, evaluate.POLICY)
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 

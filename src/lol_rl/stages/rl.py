@@ -9,10 +9,12 @@ import json
 import logging
 
 import torch
+from omegaconf import OmegaConf
 
 from .. import artifacts, distributed
 from ..algorithms import algorithm
 from ..data import cut_counts, encode_rows
+from ..errors import ConfigError
 from ..loop import Validation, best_policy_saver, recover_policy
 from ..losses import LOSSES
 from ..models import add_adapter, load_policy
@@ -38,6 +40,8 @@ def cached_tensors(stage: StageRun, rows, groups: list[str]) -> tuple[dict, dict
     row_tensors, ragged = {}, {}
     if "reference" in stage.inputs:
         cache = reference.load(stage.inputs["reference"], rows)
+        if "mismatched" in stage.inputs:
+            cache.update(reference.load_mismatched(stage.inputs["mismatched"], rows))
         row_tensors = {name: cache[name].float() for name in ("rewards", "ranking_rewards") if name in cache}
         ragged = {g: (cache[f"ref_logprobs/{g}"], cache[f"ref_offsets/{g}"]) for g in groups}
     if "advantage" in stage.inputs:
@@ -85,9 +89,33 @@ def run(stage: StageRun) -> None:
     (ppo.run if stage.cfg.algo.trainer == "ppo" else run_offline)(stage)
 
 
+def resolve_threshold(cfg, inputs):
+    """A loss that splits the rows at `params.threshold` (KTO: R > threshold is desirable) gets the
+    mean train reward where it is null, which on TRL's unpaired rows (task=hf: label true/false as
+    reward 1/0) is exactly the label. Either way rows must lie on both sides of it."""
+    params = cfg.algo.get("params") or {}
+    if "threshold" not in params:
+        return cfg
+    # float32, as the loss compares them (rl reads the rewards so)
+    rewards = torch.load(inputs["reference"] / artifacts.REFERENCE_TENSORS, weights_only=True)["rewards"].float()
+    given = params.threshold
+    threshold = float(rewards.double().mean()) if given is None else float(given)
+    desirable = int((rewards > threshold).sum())
+    what = f"the mean train reward {threshold:g} (algo.params.threshold=null)" if given is None else \
+        f"algo.params.threshold={threshold:g}"
+    if desirable in (0, len(rewards)):
+        side = "desirable (R > threshold)" if desirable else "undesirable (R <= threshold)"
+        raise ConfigError(f"algo {cfg.algo.name}: {what} makes all {len(rewards)} train rows {side}; train rewards "
+                          f"span {float(rewards.min()):g}..{float(rewards.max()):g}, and it needs rows on both sides")
+    log.info("rl: %s: %d of %d train rows desirable (R > %g)", cfg.algo.name, desirable, len(rewards), threshold)
+    return cfg if given is not None else OmegaConf.merge(cfg, {"algo": {"params": {"threshold": threshold}}})
+
+
 def resolve(cfg, task, inputs):
     """An rl epoch counts the rows the method trains on: the kept ones (A > 0) when it drops the
-    rest, as the authors' A-LOL runs scale their steps by the kept fraction."""
+    rest, as the authors' A-LOL runs scale their steps by the kept fraction. A null threshold
+    becomes the data's (resolve_threshold)."""
+    cfg = resolve_threshold(cfg, inputs)
     kept = cfg.algo.keep == "positive_advantage" and "advantage" in inputs
     return resolve_budget(cfg, "rl", artifacts.kept_rows(inputs["advantage"]) if kept else len(task.splits["train"]))
 
