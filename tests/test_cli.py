@@ -232,3 +232,32 @@ def test_bad_reward_component_is_one_clear_line(tmp_path, reward, message):
                   cache=tmp_path / "cache")
     assert proc.returncode == 2
     assert f"lol-rl: {message}" in proc.stdout and "Traceback" not in proc.stdout
+
+
+def test_kto_on_the_embedded_task_reuses_pi_ref_and_its_reference_artifact(first_run, workspace):
+    """KTO after A-LOL on the same cache: sft and the reference stage are the A-LOL run's (their keys
+    do not depend on the algorithm), the mismatched pairs get their own stage, no value head is fit,
+    and the embedded task's rewards are split at their mean."""
+    run1, _ = first_run
+    run_dir = workspace / "kto"
+    proc = lol_rl("train", *TINY, "algo=kto", f"hydra.run.dir={run_dir}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    first = json.loads((run1 / "stages.json").read_text())
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == ["sft", "reference", "mismatched", "rl", "eval_ref", "eval"]
+    for stage in ("sft", "reference", "eval_ref"):
+        assert stages[stage]["cached"] is True and stages[stage]["dir"] == first[stage]["dir"], stage
+    assert stages["mismatched"]["cached"] is False
+    assert (Path(stages["mismatched"]["dir"]) / "mismatched.pt").is_file()
+    assert "| kto (seed 1) |" in proc.stdout
+
+    from omegaconf import OmegaConf
+
+    threshold = OmegaConf.load(run_dir / "config.yaml").algo.params.threshold  # null resolved: the mean train reward
+    assert 1.5 < threshold < 3.0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [5, 10]
+    for r in rl:
+        assert _finite(r["loss"]) and 0.0 <= r["loss"] <= 1.0  # each row's term is a weight (1) times 1 - sigmoid
+        assert _finite(r["kl"]) and r["kl"] >= 0.0 and 0.0 < r["desirable_fraction"] < 1.0
