@@ -325,14 +325,15 @@ def test_kto_runs_on_trl_unpaired_rows_through_the_cli(tmp_path):
     assert desirable and all(0.0 < d < 1.0 for d in desirable)
 
 
-def test_kto_with_a_threshold_above_every_label_is_one_line(tmp_path):
+def test_kto_with_a_threshold_above_every_label_stops_before_any_stage_in_one_line(tmp_path):
     rows = [{"prompt": f"q {i}", "completion": f"a {i}", "label": i % 2 == 0} for i in range(40)]
     path = write(tmp_path / "unpaired.jsonl", rows)
     tiny = [o for o in TINY if not o.startswith("task.sizes.")]
     proc = lol_rl("train", "task=hf", f"task.path={path}", f"task.cache_dir={tmp_path / 'hf'}", "task.rewards=[polite]",
-                  "algo=kto", "algo.params.threshold=1.0", *tiny, "sft.steps=2",
-                  f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache")
+                  "algo=kto", "algo.params.threshold=1.0", *tiny, f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache")
     assert proc.returncode == 2, proc.stdout[-3000:]
     assert ("lol-rl: algo kto: algo.params.threshold=1 makes all 32 train rows undesirable (R <= threshold); train "
             "rewards span 0..1, and it needs rows on both sides") in proc.stdout
     assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "cache" / "sft").exists()  # the labels came with the data: checked before any stage

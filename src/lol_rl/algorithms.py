@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import torch
+
 from .data import MISMATCHED, RANKING, REJECTED, RESPONSE
 from .errors import ConfigError
 from .losses import LOSSES, check_params
@@ -104,3 +106,19 @@ def preflight(algorithm: Algorithm, task) -> None:
     missing = [description for provision, description in algorithm.task_needs() if provision not in provided]
     if missing:
         raise ConfigError(f"{algorithm.name} needs {' and '.join(missing)}; task {task.name} has none")
+
+
+def split_threshold(name: str, rewards: torch.Tensor, given: float | None) -> float:
+    """The reward above which a train row is desirable (KTO's `params.threshold`): `given`, or the
+    mean train reward where it is null, which on TRL's unpaired rows (task=hf reads label true/false
+    as reward 1/0) is exactly the label. Refused when every row falls on one side. `rewards` are
+    float32, as the loss compares them."""
+    threshold = float(rewards.double().mean()) if given is None else float(given)
+    desirable = int((rewards > threshold).sum())
+    if desirable in (0, len(rewards)):
+        what = (f"the mean train reward {threshold:g} (algo.params.threshold=null)" if given is None
+                else f"algo.params.threshold={threshold:g}")
+        side = "desirable (R > threshold)" if desirable else "undesirable (R <= threshold)"
+        raise ConfigError(f"algo {name}: {what} makes all {len(rewards)} train rows {side}; train rewards span "
+                          f"{float(rewards.min()):g}..{float(rewards.max()):g}, and it needs rows on both sides")
+    return threshold

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import artifacts, distributed
-from .algorithms import Algorithm, algorithm, preflight
+from .algorithms import Algorithm, algorithm, preflight, split_threshold
 from .cache import StageCache
 from .config import validate
 from .errors import ConfigError
@@ -29,7 +29,7 @@ from .models import chat_renderer, quantization_config, resolve_device
 from .schedule import resolve_budget
 from .scoring import format_results
 from .stages import Stage, StageRun, advantage, evaluate, reference, rl, sft, value
-from .tasks import Task, build_task
+from .tasks import Task, build_task, data_reward
 from .tracking import MetricsLogger, StageRecords
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
     check_split_sizes(task, algo)
+    check_data_threshold(task, algo)
     metrics = MetricsLogger(metrics_path, enabled=distributed.is_main(), **tracking)
     return Chain(cfg, task, algo, StageCache(cfg.cache_dir), metrics, device)
 
@@ -174,6 +175,16 @@ def check_split_sizes(task: Task, algo: Algorithm) -> None:
         raise ConfigError(f"task {task.name}: the value stage fits V(x) on some validation prompts and "
                           f"chooses its epoch on the others (value.heldout_fraction), so it needs at least 2 "
                           f"validation rows; split 'validation' has {validation}")
+
+
+def check_data_threshold(task: Task, algo: Algorithm) -> None:
+    """A threshold over rewards the data gives (TRL's labels) is checked before any stage; over a
+    scorer's, when the reference stage has them (rl.resolve)."""
+    if "threshold" not in algo.params:
+        return
+    rewards = [data_reward(e) for e in task.splits["train"]]
+    if all(r is not None for r in rewards):
+        split_threshold(algo.name, torch.tensor(rewards, dtype=torch.float64).float(), algo.params["threshold"])
 
 
 def run_train(cfg, run_dir: Path) -> dict:

@@ -12,9 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import artifacts, distributed
-from ..algorithms import algorithm
+from ..algorithms import algorithm, split_threshold
 from ..data import cut_counts, encode_rows
-from ..errors import ConfigError
 from ..loop import Validation, best_policy_saver, recover_policy
 from ..losses import LOSSES
 from ..models import add_adapter, load_policy
@@ -90,25 +89,17 @@ def run(stage: StageRun) -> None:
 
 
 def resolve_threshold(cfg, inputs):
-    """A loss that splits the rows at `params.threshold` (KTO: R > threshold is desirable) gets the
-    mean train reward where it is null, which on TRL's unpaired rows (task=hf: label true/false as
-    reward 1/0) is exactly the label. Either way rows must lie on both sides of it."""
+    """A loss that splits the rows at `params.threshold` (KTO) gets the mean train reward where it
+    is null (algorithms.split_threshold), from the reference stage's rewards: a scorer's are known
+    only now (rewards given in the data were checked before any stage)."""
     params = cfg.algo.get("params") or {}
     if "threshold" not in params:
         return cfg
-    # float32, as the loss compares them (rl reads the rewards so)
     rewards = torch.load(inputs["reference"] / artifacts.REFERENCE_TENSORS, weights_only=True)["rewards"].float()
-    given = params.threshold
-    threshold = float(rewards.double().mean()) if given is None else float(given)
-    desirable = int((rewards > threshold).sum())
-    what = f"the mean train reward {threshold:g} (algo.params.threshold=null)" if given is None else \
-        f"algo.params.threshold={threshold:g}"
-    if desirable in (0, len(rewards)):
-        side = "desirable (R > threshold)" if desirable else "undesirable (R <= threshold)"
-        raise ConfigError(f"algo {cfg.algo.name}: {what} makes all {len(rewards)} train rows {side}; train rewards "
-                          f"span {float(rewards.min()):g}..{float(rewards.max()):g}, and it needs rows on both sides")
-    log.info("rl: %s: %d of %d train rows desirable (R > %g)", cfg.algo.name, desirable, len(rewards), threshold)
-    return cfg if given is not None else OmegaConf.merge(cfg, {"algo": {"params": {"threshold": threshold}}})
+    threshold = split_threshold(cfg.algo.name, rewards, params.threshold)
+    log.info("rl: %s: %d of %d train rows desirable (R > %g)", cfg.algo.name, int((rewards > threshold).sum()),
+             len(rewards), threshold)
+    return cfg if params.threshold is not None else OmegaConf.merge(cfg, {"algo": {"params": {"threshold": threshold}}})
 
 
 def resolve(cfg, task, inputs):
