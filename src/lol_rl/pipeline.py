@@ -5,9 +5,9 @@ what a run needs of them (each cached under the hash of exactly the config it de
       \\-> reference -> advantage -> rl -> eval        (eval_ref: pi_ref through the same eval)
       \\-> mismatched -----------------> rl             (KTO only: pi_ref on mismatched pairs)
 
-Which of value / reference / mismatched / advantage a run builds follows from its algorithm (algorithms.py):
-NLL reads none of them, wBC the reference stage's rewards, A-LOL all three, KTO the reference
-and the mismatched pairs' log-probs."""
+Which of value / reference / mismatched / advantage a run builds follows from its algorithm
+(algorithms.py): NLL reads none of them, wBC the reference stage's rewards, A-LOL value, reference
+and advantage, KTO the reference and the mismatched pairs' log-probs."""
 
 from __future__ import annotations
 
