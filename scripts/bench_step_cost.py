@@ -9,7 +9,8 @@ Each step is the training loop's own: build the batch of the algorithm's respons
 and its cached reference log-probs, one policy forward, the loss, backward, clip, AdamW.
 Algorithms are timed in interleaved rounds (so drift hits all of them alike) and the median
 step is reported. Targets: every A-LOL variant, rlol, wbc and gold <= 1.05x NLL (no
-reference forward in training); dpo and dpo_ref_free <= 2.1x (two responses per row).
+reference forward in training); dpo, dpo_ref_free and kto <= 2.1x (two responses per row; KTO's
+second is the mismatched pair).
 """
 
 from __future__ import annotations
@@ -25,22 +26,24 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lol_rl.stages.reference import reference_logprobs, train_rewards
-from lol_rl.algorithms import algorithm
+from lol_rl.algorithms import algorithm, split_threshold
 from lol_rl.cli import CONF_DIR
-from lol_rl.data import encode_rows
+from lol_rl.config import validate
+from lol_rl.data import MISMATCHED, encode_rows
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy
 from lol_rl.tasks import build_task
 from lol_rl.offline import BatchSource, loss_on_batch
 
-ALGOS = ["nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free", "pro"]
+ALGOS = ["nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free", "pro",
+         "kto"]
 TARGETS = {**{a: 1.05 for a in ["wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl"]},
-           "dpo": 2.1, "dpo_ref_free": 2.1}
+           "dpo": 2.1, "dpo_ref_free": 2.1, "kto": 2.1}
 
 
 def algo_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"algo={name}", *overrides])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # validated: the schema's defaults
+        return validate(compose("config", overrides=[f"algo={name}", *overrides]))
 
 
 def main() -> None:
@@ -62,7 +65,7 @@ def main() -> None:
     # the advantage cache, as the advantage stage writes it (rewards real, V set to the mean)
     rewards = torch.tensor(train_rewards(task, train)[0], dtype=torch.float32)
     model.eval()
-    ragged = {g: reference_logprobs(model, rows, 256, "cpu", g) for g in rows.groups}
+    ragged = {g: reference_logprobs(model, rows, 256, "cpu", g) for g in [*rows.groups, MISMATCHED]}
     ranking_rewards = torch.stack([rewards, rewards - 0.5, rewards - 1.0], dim=1)
     row_tensors = {"rewards": rewards, "advantages": (rewards - rewards.mean()).clamp(min=0.01),
                    "ranking_rewards": ranking_rewards}
@@ -76,7 +79,10 @@ def main() -> None:
         # the same rows every step: a shuffled pass over exactly one batch
         source = BatchSource(rows, row_tensors, {g: ragged[g] for g in groups}, fixed_rows, None, len(fixed_rows),
                              seed=0, groups=groups, shuffle=True)
-        setups[name] = (source, LOSSES[algo.loss], dict(algo.params))
+        params = dict(algo.params)
+        if "threshold" in params:  # a null one resolved from the train rewards, as the rl stage does
+            params["threshold"] = split_threshold(name, rewards, params["threshold"])
+        setups[name] = (source, LOSSES[algo.loss], params)
 
     def run_steps(name: str, n: int) -> list[float]:
         source, loss_fn, params = setups[name]

@@ -192,8 +192,10 @@ CASES = [
     Case("param-missing", "lol-rl: algo dpo: missing params ['beta']; loss dpo takes ['beta']",
          overrides=("algo=dpo", "~algo.params.beta"), error=ConfigError),
     Case("unknown-loss", "lol-rl: algo alol: unknown loss 'alol2'; valid: ['alol', 'alol_kl', 'alol_ref_free', "
-         "'alol_seq', 'dpo', 'dpo_ref_free', 'gold', 'nll', 'pro', 'rlol', 'wbc']",
+         "'alol_seq', 'dpo', 'dpo_ref_free', 'gold', 'kto', 'nll', 'pro', 'rlol', 'wbc']",
          overrides=("algo.loss=alol2",), error=ConfigError),
+    Case("kto-weight-zero", "lol-rl: algo kto: params.undesirable_weight must be a number > 0, got 0.0",
+         overrides=("algo=kto", "algo.params.undesirable_weight=0.0"), error=ConfigError),
     # ---- a config value out of its range, or not one of its choices: stops before the data is read
     *(Case(f"config-{key}", f"lol-rl: {key}={shown} is {why}", overrides=(f"{key}={value}",), error=ConfigError)
       for key, value, shown, why in [

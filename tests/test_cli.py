@@ -399,3 +399,32 @@ def test_the_progress_bar_shows_the_last_validation_reward_beside_the_loss(tmp_p
     with caplog.at_level(logging.INFO, logger="lol_rl.loop"):
         loop_module.run_loop(run)
     assert "rl: step 3/4 loss 3.0000, last validation reward 0.7500," in caplog.text
+
+
+def test_kto_on_the_embedded_task_reuses_pi_ref_and_its_reference_artifact(first_run, workspace):
+    """KTO after A-LOL on the same cache: sft and the reference stage are the A-LOL run's (their keys
+    do not depend on the algorithm), the mismatched pairs get their own stage, no value head is fit,
+    and the embedded task's rewards are split at their mean."""
+    run1, _ = first_run
+    run_dir = workspace / "kto"
+    proc = lol_rl("train", *TINY, "algo=kto", f"hydra.run.dir={run_dir}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    first = json.loads((run1 / "stages.json").read_text())
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == ["sft", "reference", "mismatched", "rl", "eval_ref", "eval"]
+    for stage in ("sft", "reference", "eval_ref"):
+        assert stages[stage]["cached"] is True and stages[stage]["dir"] == first[stage]["dir"], stage
+    assert stages["mismatched"]["cached"] is False
+    assert (Path(stages["mismatched"]["dir"]) / "mismatched.pt").is_file()
+    assert "| kto (seed 1) |" in proc.stdout
+
+    from omegaconf import OmegaConf
+
+    threshold = OmegaConf.load(run_dir / "config.yaml").algo.params.threshold  # null resolved: the mean train reward
+    assert 1.5 < threshold < 3.0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rl = [r for r in records if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [5, 10]
+    for r in rl:
+        assert _finite(r["loss"]) and 0.0 <= r["loss"] <= 1.0  # each row's term is a weight (1) times 1 - sigmoid
+        assert _finite(r["kl"]) and r["kl"] >= 0.0 and 0.0 < r["desirable_fraction"] < 1.0

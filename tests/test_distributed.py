@@ -49,12 +49,13 @@ def test_every_process_draws_the_same_batch_and_takes_its_share():
         assert torch.equal(batch["input_ids"], mine)
 
 
-def train(tmp_path: Path, name: str, launcher: list[str]) -> tuple[Path, Path]:
+def train(tmp_path: Path, name: str, launcher: list[str], algo: list[str] = RUN[-2:]) -> tuple[Path, Path]:
     cache, record, run_dir = tmp_path / name / "cache", tmp_path / name / "shards", tmp_path / name / "run"
     record.mkdir(parents=True)
     env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "LOL_RL_SHARD_RECORD": str(record),
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, "-m", "lol_rl.cli", "train", *RUN, f"cache_dir={cache}", f"hydra.run.dir={run_dir}"],
+    proc = subprocess.run([*launcher, "-m", "lol_rl.cli", "train", *RUN[:-2], *algo, f"cache_dir={cache}",
+                           f"hydra.run.dir={run_dir}"],
                           cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return cache, run_dir
@@ -69,11 +70,13 @@ def weights(cache: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(next((artifact / "policy" if stage == "rl" else artifact).glob("*.safetensors")))
 
 
-def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path):
+# KTO: its reference point z0 is a mean over the global batch, so the processes must average it
+@pytest.mark.parametrize("algo", [RUN[-2:], ["algo=kto"]], ids=["alol", "kto"])
+def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path, algo):
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    one_cache, one_run = train(tmp_path, "one", [sys.executable])
-    two_cache, two_run = train(tmp_path, "two", accelerate)
+    one_cache, one_run = train(tmp_path, "one", [sys.executable], algo)
+    two_cache, two_run = train(tmp_path, "two", accelerate, algo)
     for stage in ("sft", "rl"):  # both data-parallel loops
         single = records(one_cache.parent / "shards" / f"{stage}-rank0.jsonl")
         ranks = [records(two_cache.parent / "shards" / f"{stage}-rank{r}.jsonl") for r in (0, 1)]
@@ -89,6 +92,9 @@ def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path
             torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{stage}: {key}")
     losses = [[r["loss"] for r in records(run / "metrics.jsonl") if r["stage"] == "rl"] for run in (one_run, two_run)]
     assert losses[0] and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    if algo == ["algo=kto"]:  # every process used the global batch's z0, not its own share's
+        kls = [[r["kl"] for r in records(run / "metrics.jsonl") if r["stage"] == "rl"] for run in (one_run, two_run)]
+        assert kls[1] == pytest.approx(kls[0], rel=1e-4, abs=1e-7)
     # one process wrote the run: one metrics record per step logged, one eval.json, the same numbers
     assert [r["step"] for r in records(two_run / "metrics.jsonl") if r["stage"] == "rl"] == [5, 10]
     evaluated = [json.loads((run / "eval.json").read_text()) for run in (one_run, two_run)]

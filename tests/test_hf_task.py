@@ -1,6 +1,6 @@
 """`task=hf`: any `datasets` source (files of each kind, a save_to_disk dir) and TRL's formats
 onto the common row, the same strict validator with `<path>[<split>]:<row>` lines, splits carved
-from train, conversational prompts under a chat template, and one DPO run through the CLI."""
+from train, conversational prompts under a chat template, and DPO and KTO runs through the CLI."""
 
 from __future__ import annotations
 
@@ -300,3 +300,40 @@ def test_dpo_runs_on_trl_preference_rows_through_the_cli(tmp_path):
     stages = json.loads((run_dir / "stages.json").read_text())
     assert "value" not in stages and "advantage" not in stages  # DPO reads pairs and the reference only
     assert "| dpo (seed 1) |" in proc.stdout
+
+
+def test_kto_runs_on_trl_unpaired_rows_through_the_cli(tmp_path):
+    """TRL's unpaired format (prompt, completion, label): the labels are the desirable rows (the
+    null threshold resolves to the mean of the 1/0 rewards, which lies between them)."""
+    names = ("Ada", "Bo", "Cy", "Di", "Ed")
+    rows = [{"prompt": f"Say something kind about {name} ({i}).",
+             "completion": f"{name} is lovely, thank you!" if (i + k) % 2 else f"{name} is fine.",
+             "label": bool((i + k) % 2)} for i in range(12) for k, name in enumerate(names)]
+    path = write(tmp_path / "unpaired.jsonl", rows)
+    tiny = [o for o in TINY if not o.startswith("task.sizes.")]
+    run_dir = tmp_path / "run"
+    proc = lol_rl("train", "task=hf", f"task.path={path}", f"task.cache_dir={tmp_path / 'hf'}", "task.rewards=[polite]",
+                  "algo=kto", *tiny, f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert "value" not in stages and "advantage" not in stages and "mismatched" in stages
+    threshold = OmegaConf.load(run_dir / "config.yaml").algo.params.threshold
+    assert 0.0 < threshold < 1.0
+    assert "| kto (seed 1) |" in proc.stdout
+    desirable = [json.loads(line)["desirable_fraction"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("stage") == "rl"]
+    assert desirable and all(0.0 < d < 1.0 for d in desirable)
+
+
+def test_kto_with_a_threshold_above_every_label_stops_before_any_stage_in_one_line(tmp_path):
+    rows = [{"prompt": f"q {i}", "completion": f"a {i}", "label": i % 2 == 0} for i in range(40)]
+    path = write(tmp_path / "unpaired.jsonl", rows)
+    tiny = [o for o in TINY if not o.startswith("task.sizes.")]
+    proc = lol_rl("train", "task=hf", f"task.path={path}", f"task.cache_dir={tmp_path / 'hf'}", "task.rewards=[polite]",
+                  "algo=kto", "algo.params.threshold=1.0", *tiny, f"hydra.run.dir={tmp_path / 'run'}",
+                  cache=tmp_path / "cache")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert ("lol-rl: algo kto: algo.params.threshold=1 makes all 32 train rows undesirable (R <= threshold); train "
+            "rewards span 0..1, and it needs rows on both sides") in proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "cache" / "sft").exists()  # the labels came with the data: checked before any stage

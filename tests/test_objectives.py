@@ -219,6 +219,10 @@ def _all_loss_calls(gap: float):
                                              beta=0.1),
         "pro": lambda: pro(ranking, ranking_mask, torch.tensor([[2.0, 1.0], [1.0, 0.5]], dtype=torch.float64),
                            sft_weight=0.05),
+        # the rejected responses stand in for the mismatched pairs, their reference -gap nats away
+        "kto": lambda: LOSSES["kto"](t["logprobs"], t["mask"], t["ref_logprobs"], t["rejected_logprobs"],
+                                     t["rejected_mask"], t["rejected_ref_logprobs"], t["rewards"], beta=0.1,
+                                     desirable_weight=1.0, undesirable_weight=1.0, threshold=1.5),
     }
     return t, calls
 

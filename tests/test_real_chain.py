@@ -39,7 +39,7 @@ def reward_models(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("algo", ["alol", "dpo"])
+@pytest.mark.parametrize("algo", ["alol", "dpo", "kto"])
 def test_hha_chain_on_fixture_files(tmp_path, reward_models, algo):
     run_dir = tmp_path / "run"
     proc = lol_rl(

@@ -1,7 +1,8 @@
 """An algorithm, declared once: its yaml names a loss (or the online trainer), which rows it
 keeps and how it samples them; everything else follows from the loss's signature in losses.py.
 A parameter `rejected_logprobs` means it reads the rejected response group, `ref_logprobs`
-the reference log-probs, `advantages` the advantage stage, and so on. The preflight, the stages
+the reference log-probs, `advantages` the advantage stage, `mismatched_ref_logprobs` the
+reference log-probs of the mismatched pairs (their own stage), and so on. The preflight, the stages
 a run builds and the tensors the loop hands the loss all come from here."""
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from .data import RANKING, REJECTED, RESPONSE
+import torch
+
+from .data import MISMATCHED, RANKING, REJECTED, RESPONSE
 from .errors import ConfigError
 from .losses import LOSSES, check_params
 from .tasks import data_reward
@@ -18,7 +21,8 @@ TRAINERS = ("offline", "ppo")
 KEEP = ("all", "positive_advantage")  # every train row | the rows with A > 0
 SAMPLING = ("uniform", "shuffle", "advantage", "reward")  # the last two: with replacement, prob. proportional
 
-GROUP_PREFIXES = {REJECTED: f"{REJECTED}_", RANKING: f"{RANKING}_"}  # a loss parameter's group, by its prefix
+# a loss parameter's group, by its prefix
+GROUP_PREFIXES = {REJECTED: f"{REJECTED}_", RANKING: f"{RANKING}_", MISMATCHED: f"{MISMATCHED}_"}
 ROW_TENSORS = {"advantages": "advantage", "rewards": "reference", "ranking_rewards": "reference"}  # name -> stage
 
 # what a task must provide (Task.provides) for a response group or a trainer
@@ -65,9 +69,11 @@ class Algorithm:
         wanted = {ROW_TENSORS[name] for name in self.loss_inputs if name in ROW_TENSORS}
         if self.reads_reference or self.sampling == "reward":
             wanted.add("reference")
+        if self.reads_reference and MISMATCHED in self.groups:  # cached apart: no other algorithm pays for it
+            wanted.add("mismatched")
         if self.keep == "positive_advantage" or self.sampling == "advantage":
             wanted.add("advantage")
-        return ("sft", *(stage for stage in ("reference", "advantage") if stage in wanted))
+        return ("sft", *(stage for stage in ("reference", "mismatched", "advantage") if stage in wanted))
 
     def task_needs(self) -> list[tuple[str, str]]:
         """(provision, description) the task must have: Task.provides() names the provisions."""
@@ -115,3 +121,19 @@ def preflight(algorithm: Algorithm, task) -> None:
                               f"row of task {task.name} has the data's lowest reward {lowest}, below every V(x): no "
                               f"row would be kept; give rewards that vary, or an algorithm that keeps every row "
                               f"(algo=nll)")
+
+
+def split_threshold(name: str, rewards: torch.Tensor, given: float | None) -> float:
+    """The reward above which a train row is desirable (KTO's `params.threshold`): `given`, or the
+    mean train reward where it is null, which on TRL's unpaired rows (task=hf reads label true/false
+    as reward 1/0) is exactly the label. Refused when every row falls on one side. `rewards` are
+    float32, as the loss compares them."""
+    threshold = float(rewards.double().mean()) if given is None else float(given)
+    desirable = int((rewards > threshold).sum())
+    if desirable in (0, len(rewards)):
+        what = (f"the mean train reward {threshold:g} (algo.params.threshold=null)" if given is None
+                else f"algo.params.threshold={threshold:g}")
+        side = "desirable (R > threshold)" if desirable else "undesirable (R <= threshold)"
+        raise ConfigError(f"algo {name}: {what} makes all {len(rewards)} train rows {side}; train rewards span "
+                          f"{float(rewards.min()):g}..{float(rewards.max()):g}, and it needs rows on both sides")
+    return threshold

@@ -18,6 +18,7 @@ VALUE_SAMPLES = "samples.jsonl"  # pi_ref's scored samples of the validation pro
 
 # reference: R of every train row and pi_ref's per-token log-probs of each response group
 REFERENCE_TENSORS = "reference.pt"
+MISMATCHED_TENSORS = "mismatched.pt"  # mismatched: pi_ref's log-probs of the mismatched pairs (data.MISMATCHED)
 
 # advantage: V(x) of the train prompts, A = R - V, what the A <= 0 filter keeps
 ADVANTAGE_TENSORS = "advantages.pt"

@@ -1,7 +1,11 @@
 """Tokenized rows and padded batches: one place where prompts and responses become ids.
 
 A row has one or more response groups: `response` (the logged one), `rejected` (of a
-preference pair) and `ranking/0..K-1` (a ranking, best first). A batch stacks the groups a
+preference pair) and `ranking/0..K-1` (a ranking, best first), and, derived from any data,
+`mismatched`: row i's prompt with the response of row i-1 (row 0 takes the last row's), the
+mismatched pairs KTO estimates its KL reference point on. TRL rotates completions by one the same
+way, within each chunk of a batch size; here the rotation is over the whole split, so it does
+not depend on the batch size and the reference stage can cache it. A batch stacks the groups a
 loss needs along the batch axis, so all of them go through the policy in one forward.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 RESPONSE = "response"
 REJECTED = "rejected"
 RANKING = "ranking"
+MISMATCHED = "mismatched"  # derived, not in the data: see the module docstring
 
 
 @dataclass
@@ -37,16 +43,24 @@ class TokenizedRows:
 
     @property
     def groups(self) -> list[str]:
+        """The groups the data has (not the derived `mismatched`)."""
         return [RESPONSE, *self.extra_responses]
 
+    @cached_property
+    def mismatched_ids(self) -> list[list[int]]:
+        """Row i's entry: the response of row i-1 (row 0: the last row's)."""
+        return self.response_ids[-1:] + self.response_ids[:-1]
+
     def group(self, name: str) -> list[list[int]]:
+        if name == MISMATCHED:
+            return self.mismatched_ids
         return self.response_ids if name == RESPONSE else self.extra_responses[name]
 
     def expand(self, names: Sequence[str]) -> list[str]:
         """Group names with `ranking` expanded to `ranking/0..K-1`; unknown names raise."""
         expanded = []
         for name in names:
-            members = [g for g in self.groups if g == name or g.startswith(f"{name}/")]
+            members = [g for g in [*self.groups, MISMATCHED] if g == name or g.startswith(f"{name}/")]
             if not members:
                 raise ValueError(f"response group {name!r} is not in the data (have {self.groups})")
             expanded.extend(members)

@@ -78,6 +78,12 @@ def mean_over_processes(values: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return dict(zip(values, means))
 
 
+def process_mean(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor averaged over the processes (itself with one): a loss's statistic of the
+    global batch when each process holds an equal share of it."""
+    return mean_over_processes({"value": value})["value"] if world_size() > 1 else value
+
+
 def process_device(device: torch.device) -> torch.device:
     """This process's device: its own GPU under several processes (`cuda` alone means cuda:0)."""
     if device.type == "cuda" and world_size() > 1:

@@ -8,6 +8,10 @@ Tensors a loss may take, by name (B rows, R response tokens, K ranked responses)
   rejected_*                (B, R) the same three for the rejected response of a pair
   ranking_logprobs/_mask    (B, K, R) every response of a ranking, best first
   ranking_rewards           (B, K)
+  mismatched_*              (B, R) the same three for a mismatched pair: row i's prompt with the
+                            response of row i-1 of the train split (data.MISMATCHED)
+  process_mean              a function averaging a 0-d tensor over the training processes (the
+                            identity with one), for a statistic of the whole global batch
 Each returns (scalar loss, metrics), metrics being detached 0-d tensors (no sync per step).
 The training loop passes each function exactly the tensors its signature names.
 """
@@ -142,6 +146,28 @@ def dpo_ref_free(logprobs, mask, rejected_logprobs, rejected_mask, *, beta: floa
                        zero, zero, beta)
 
 
+def kto(logprobs, mask, ref_logprobs, mismatched_logprobs, mismatched_mask, mismatched_ref_logprobs, rewards,
+        process_mean=None, *, beta: float, desirable_weight: float, undesirable_weight: float, threshold: float):
+    """KTO (Ethayarajh et al. 2024, eq. 7; the loss TRL's KTOTrainer computes) on unpaired rows, a row
+    desirable when R > threshold (TRL's `label`). With the implied reward r = lp(y) - lp_ref(y) and the
+    reference point z0 = max(0, mean over the batch of lp(y'|x) - lp_ref(y'|x)) on the mismatched pairs,
+    detached (a KL estimate; its mean over processes under several):
+      desirable:   desirable_weight   * (1 - sigmoid(beta * (r - z0)))
+      undesirable: undesirable_weight * (1 - sigmoid(beta * (z0 - r)))
+    averaged over the batch. Per-token tensors (B, R), rewards (B,)."""
+    log_ratio = sequence_logprob(logprobs, mask) - sequence_logprob(ref_logprobs, mask)
+    kl = sequence_logprob(mismatched_logprobs.detach() - mismatched_ref_logprobs, mismatched_mask).mean()
+    z0 = (kl if process_mean is None else process_mean(kl)).clamp(min=0).detach()
+    desirable = rewards > threshold
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - log_ratio))))
+    implied = beta * log_ratio.detach()
+    return losses.mean(), {"logprob": sequence_logprob(logprobs.detach(), mask).mean(), "kl": z0,
+                           "desirable_fraction": desirable.float().mean(),
+                           "desirable_reward": masked_mean(implied, desirable),
+                           "undesirable_reward": masked_mean(implied, ~desirable)}
+
+
 def pro(ranking_logprobs, ranking_mask, ranking_rewards, *, sft_weight: float):
     """PRO (Song et al. 2024) as the paper's code runs it: length-normalised scores s_k; for
     each rank k a softmax of the candidates k..K-1 with reward-difference temperatures,
@@ -174,12 +200,15 @@ LOSSES = {
     "dpo": dpo,
     "dpo_ref_free": dpo_ref_free,
     "pro": pro,
+    "kto": kto,
 }
 
 # Upper bounds of the clip ranges an algorithm's params may set (the lower bound, 0, excluded): `eps`
 # clips the importance weight to [1-eps, 1+eps] (A-LOL's 0.9 keeps it in [0.1, 1.9]), PPO's `clip`
 # the policy ratio likewise, `value_clip` the change of a value; 0 or less clamps to a point or to nothing.
 CLIP_MAX = {"eps": 1.0, "clip": 1.0, "value_clip": math.inf}
+# class weights (KTO's): 0 would silently drop a class of rows, a negative one reverse its loss
+POSITIVE = ("desirable_weight", "undesirable_weight")
 
 
 def check_params(loss: str | None, params: Mapping) -> None:
@@ -205,6 +234,10 @@ def check_params(loss: str | None, params: Mapping) -> None:
             why = "a clip range of 0 or less clamps every ratio to a point or to nothing"
         bound = "> 0" if math.isinf(high) else f"in (0, {high:g}]"
         raise ValueError(f"params.{name} must be {bound}, got {value!r} ({why})")
+    for name in POSITIVE:
+        value = params.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"params.{name} must be a number > 0, got {value!r}")
 
 
 # Online PPO (ppo.py): token-level pieces, all (B, T) over response tokens, mask True on them.

@@ -125,6 +125,7 @@ def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], 
     batch_size = logprobs.shape[0] // len(groups)
     tensors = split_groups(per_token, groups, batch_size)
     tensors.update({k: v for k, v in batch.items() if k not in SEQUENCE_KEYS})
+    tensors["process_mean"] = distributed.process_mean  # a statistic of the global batch (KTO's reference point)
     return call_loss(loss_fn, params, tensors)
 
 

@@ -3,9 +3,11 @@ what a run needs of them (each cached under the hash of exactly the config it de
 
     sft -> value -----------+
       \\-> reference -> advantage -> rl -> eval        (eval_ref: pi_ref through the same eval)
+      \\-> mismatched -----------------> rl             (KTO only: pi_ref on mismatched pairs)
 
-Which of value / reference / advantage a run builds follows from its algorithm (algorithms.py):
-NLL reads none of them, wBC the reference stage's rewards, A-LOL all three."""
+Which of value / reference / mismatched / advantage a run builds follows from its algorithm
+(algorithms.py): NLL reads none of them, wBC the reference stage's rewards, A-LOL value, reference
+and advantage, KTO the reference and the mismatched pairs' log-probs."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import artifacts, distributed
-from .algorithms import Algorithm, algorithm, preflight
+from .algorithms import Algorithm, algorithm, preflight, split_threshold
 from .cache import StageCache
 from .config import validate
 from .errors import ConfigError
@@ -28,13 +30,13 @@ from .models import chat_renderer, quantization_config, resolve_device
 from .schedule import resolve_budget
 from .scoring import format_results
 from .stages import Stage, StageRun, advantage, evaluate, reference, rl, sft, value
-from .tasks import Task, build_task
+from .tasks import Task, build_task, data_reward
 from .tracking import MetricsLogger, StageRecords
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, advantage.STAGE, rl.STAGE,
-                             evaluate.REFERENCE, evaluate.POLICY)
+STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, reference.MISMATCHED_STAGE, advantage.STAGE,
+                             rl.STAGE, evaluate.REFERENCE, evaluate.POLICY)
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
@@ -162,6 +164,7 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
     check_split_sizes(task, algo)
+    check_data_threshold(task, algo)
     metrics = MetricsLogger(metrics_path, enabled=distributed.is_main(), **tracking)
     return Chain(cfg, task, algo, StageCache(cfg.cache_dir), metrics, device)
 
@@ -173,6 +176,16 @@ def check_split_sizes(task: Task, algo: Algorithm) -> None:
         raise ConfigError(f"task {task.name}: the value stage fits V(x) on some validation prompts and "
                           f"chooses its epoch on the others (value.heldout_fraction), so it needs at least 2 "
                           f"validation rows; split 'validation' has {validation}")
+
+
+def check_data_threshold(task: Task, algo: Algorithm) -> None:
+    """A threshold over rewards the data gives (TRL's labels) is checked before any stage; over a
+    scorer's, when the reference stage has them (rl.resolve)."""
+    if "threshold" not in algo.params:
+        return
+    rewards = [data_reward(e) for e in task.splits["train"]]
+    if all(r is not None for r in rewards):
+        split_threshold(algo.name, torch.tensor(rewards, dtype=torch.float64).float(), algo.params["threshold"])
 
 
 def claim_run_dir(run_dir: Path) -> Lease:

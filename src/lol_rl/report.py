@@ -42,12 +42,13 @@ from .published import PUBLISHED, PublishedTable
 
 log = logging.getLogger(__name__)
 
-# the paper's row order (Table 2); our filter-only ablation sits by NLL; unknown algos go last
-METHOD_ORDER = ("nll", "nll_kept", "pro", "dpo_ref_free", "dpo", "wbc", "gold", "rlol",
+# the paper's row order (Table 2); our filter-only ablation sits by NLL, KTO (not in the paper) by
+# DPO, the other preference method that reads the reference; unknown algos go last
+METHOD_ORDER = ("nll", "nll_kept", "pro", "dpo_ref_free", "dpo", "kto", "wbc", "gold", "rlol",
                 "alol_ref_free", "alol", "alol_seq", "alol_kl", "ppo")
 FAMILIES = {  # paper Fig. 2's panels
     "NLL": ("nll", "nll_kept"),
-    "preference": ("dpo", "dpo_ref_free", "pro"),
+    "preference": ("dpo", "dpo_ref_free", "pro", "kto"),
     "reward-based": ("wbc", "gold", "rlol"),
     "A-LOL": ("alol", "alol_ref_free", "alol_seq", "alol_kl"),
     "online": ("ppo",),

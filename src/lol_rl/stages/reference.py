@@ -2,7 +2,12 @@
 (the data's own reward, or the task's components), the rewards of a ranking's responses, and
 the per-token log-probs of each response group under pi_ref, computed once here so that
 training runs one policy forward per step. Every algorithm that reads a reward or the
-reference reads this artifact, so a sweep computes it once."""
+reference reads this artifact, so a sweep computes it once.
+
+Stage 3c (`mismatched`, declared here too): the same per-token log-probs of the mismatched pairs
+(row i's prompt, row i-1's response; data.MISMATCHED), built only for a loss that reads them
+(KTO's reference point), so the reference artifact and its key stay as every other algorithm
+has them. It never scores, so a new reward reuses it."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import artifacts
-from ..data import RESPONSE, cut_counts, encode_rows
+from ..data import MISMATCHED, RESPONSE, cut_counts, encode_rows
 from ..logprobs import response_logprobs, to_device
 from ..models import load_policy
 from ..progress import progress_disabled
@@ -81,15 +86,31 @@ def run(stage: StageRun) -> None:
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
-def load(reference_dir, rows) -> dict[str, torch.Tensor]:
-    """The reference stage's tensors, checked against this run's tokenization of every group."""
-    tensors = torch.load(reference_dir / artifacts.REFERENCE_TENSORS, weights_only=True)
-    for group in rows.groups:
+def run_mismatched(stage: StageRun) -> None:
+    cfg = stage.cfg
+    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
+    model.eval()
+    rows = encode_rows(tokenizer, stage.task, stage.task.splits["train"], cfg.model.max_prompt_tokens,
+                       cfg.model.max_response_tokens)
+    flat, offsets = reference_logprobs(model, rows, cfg.advantage.batch_size, stage.device, MISMATCHED)
+    torch.save({f"ref_logprobs/{MISMATCHED}": flat, f"ref_offsets/{MISMATCHED}": offsets},
+               stage.out / artifacts.MISMATCHED_TENSORS)
+
+
+def load(reference_dir, rows, name: str = artifacts.REFERENCE_TENSORS, groups=None) -> dict[str, torch.Tensor]:
+    """A reference artifact's tensors, checked against this run's tokenization of every group it
+    holds (`groups`; default: the data's)."""
+    tensors = torch.load(reference_dir / name, weights_only=True)
+    for group in rows.groups if groups is None else groups:
         offsets = tensors.get(f"ref_offsets/{group}")
         lengths = torch.tensor([len(r) for r in rows.group(group)])
         if offsets is None or not torch.equal(offsets.diff(), lengths):
             raise RuntimeError(f"{reference_dir}: cached reference log-probs of '{group}' do not match this tokenization")
     return tensors
+
+
+def load_mismatched(mismatched_dir, rows) -> dict[str, torch.Tensor]:
+    return load(mismatched_dir, rows, artifacts.MISMATCHED_TENSORS, groups=[MISMATCHED])
 
 
 STAGE = Stage(
@@ -98,4 +119,13 @@ STAGE = Stage(
     runtime=("advantage.batch_size",),  # rows per no-grad forward
     inputs=lambda algorithm: ("sft",),
     run=run,
+)
+
+MISMATCHED_STAGE = Stage(
+    name="mismatched",
+    reads=("task", "model"),
+    ignores=("task.rewards", "task.eval_rewards"),  # it never scores
+    runtime=("advantage.batch_size",),  # rows per no-grad forward
+    inputs=lambda algorithm: ("sft",),
+    run=run_mismatched,
 )

@@ -9,9 +9,10 @@ import json
 import logging
 
 import torch
+from omegaconf import OmegaConf
 
 from .. import artifacts, distributed
-from ..algorithms import algorithm
+from ..algorithms import algorithm, split_threshold
 from ..data import cut_counts, encode_rows
 from ..loop import Validation, best_policy_saver, recover_policy
 from ..losses import LOSSES
@@ -39,6 +40,8 @@ def cached_tensors(stage: StageRun, rows, groups: list[str]) -> tuple[dict, dict
     row_tensors, ragged = {}, {}
     if "reference" in stage.inputs:
         cache = reference.load(stage.inputs["reference"], rows)
+        if "mismatched" in stage.inputs:
+            cache.update(reference.load_mismatched(stage.inputs["mismatched"], rows))
         row_tensors = {name: cache[name].float() for name in ("rewards", "ranking_rewards") if name in cache}
         ragged = {g: (cache[f"ref_logprobs/{g}"], cache[f"ref_offsets/{g}"]) for g in groups}
     if "advantage" in stage.inputs:
@@ -91,9 +94,25 @@ def run(stage: StageRun) -> None:
     (ppo.run if stage.cfg.algo.trainer == "ppo" else run_offline)(stage)
 
 
+def resolve_threshold(cfg, inputs):
+    """A loss that splits the rows at `params.threshold` (KTO) gets the mean train reward where it
+    is null (algorithms.split_threshold), from the reference stage's rewards: a scorer's are known
+    only now (rewards given in the data were checked before any stage)."""
+    params = cfg.algo.get("params") or {}
+    if "threshold" not in params:
+        return cfg
+    rewards = torch.load(inputs["reference"] / artifacts.REFERENCE_TENSORS, weights_only=True)["rewards"].float()
+    threshold = split_threshold(cfg.algo.name, rewards, params.threshold)
+    log.info("rl: %s: %d of %d train rows desirable (R > %g)", cfg.algo.name, int((rewards > threshold).sum()),
+             len(rewards), threshold)
+    return cfg if params.threshold is not None else OmegaConf.merge(cfg, {"algo": {"params": {"threshold": threshold}}})
+
+
 def resolve(cfg, task, inputs):
     """An rl epoch counts the rows the method trains on: the kept ones (A > 0) when it drops the
-    rest, as the authors' A-LOL runs scale their steps by the kept fraction."""
+    rest, as the authors' A-LOL runs scale their steps by the kept fraction. A null threshold
+    becomes the data's (resolve_threshold)."""
+    cfg = resolve_threshold(cfg, inputs)
     kept = cfg.algo.keep == "positive_advantage" and "advantage" in inputs
     return resolve_budget(cfg, "rl", artifacts.kept_rows(inputs["advantage"]) if kept else len(task.splits["train"]))
 
