@@ -163,31 +163,46 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
     loss or gradient stops the run naming the prompts, unless rl.skip_nonfinite (skipped, counted)."""
     n = len(rollouts.scores)
     size = math.ceil(n / params.minibatches)
+    grad_accum = opt_cfg.get("grad_accum", 1)
     totals: dict[str, float] = {}
     steps = skipped = 0
     for _ in range(params.epochs):
         for rows in torch.randperm(n, generator=generator).split(size):
             rows = rows.to(rollouts.scores.device)
-            batch, old = rollouts.minibatch(rows)
-            logprobs, entropy, values, mask = policy_outputs(model, value_head, batch)
-            pg_loss, pg_metrics = ppo_policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask, clip=params.clip)
-            vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask, clip=params.value_clip)
-            mean_entropy = masked_mean(entropy, mask)
-            loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
+            terms: dict[str, torch.Tensor] = {}
+
+            def backward(rows=rows, terms=terms) -> torch.Tensor:
+                """The minibatch's loss, backward per micro-batch: each token mean is a sum over the
+                micro-batch divided by the minibatch's token count, so the parts add up to it."""
+                parts = rows.split(len(rows) // grad_accum) if grad_accum > 1 else (rows,)
+                tokens = rollouts.mask[rows].sum().clamp(min=1) if grad_accum > 1 else None
+                for part in parts:
+                    batch, old = rollouts.minibatch(part)
+                    logprobs, entropy, values, mask = policy_outputs(model, value_head, batch)
+                    pg_loss, pg_metrics = ppo_policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask,
+                                                          clip=params.clip, tokens=tokens)
+                    vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask,
+                                                         clip=params.value_clip, tokens=tokens)
+                    mean_entropy = masked_mean(entropy, mask, tokens)
+                    loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
+                    loss.backward()
+                    for name, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
+                                        "entropy": mean_entropy, **pg_metrics, **vf_metrics}.items():
+                        terms[name] = value.detach() if name not in terms else terms[name] + value.detach()
+                return terms["loss"]
 
             def failure(what: str, loss_value: float, grad_norm: float, rows=rows) -> str:
                 prompts = [row_ids[i] for i in rows.tolist()]
                 return (f"rl (ppo): non-finite loss or gradient at update {update} (loss {loss_value}, grad norm "
                         f"{grad_norm}) on train prompts {prompts}; rl.skip_nonfinite=true skips such minibatches")
 
-            grad_norm = guarded_update(loss, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
+            grad_norm = guarded_update(backward, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
             scheduler.step()
             if grad_norm is None:
                 skipped += 1
                 continue
             steps += 1
-            for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
-                                "grad_norm": grad_norm, **pg_metrics, **vf_metrics}.items():
+            for name, value in {**{k: v for k, v in terms.items() if k != "loss"}, "grad_norm": grad_norm}.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().item()
     return {**{name: value / max(steps, 1) for name, value in totals.items()}, "skipped_minibatches": skipped}
 
