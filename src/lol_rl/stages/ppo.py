@@ -33,7 +33,7 @@ from transformers import get_scheduler
 
 from .. import artifacts
 from ..data import cut_counts, encode_rows
-from ..logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
+from ..logprobs import gather_positions, pad_batch, response_logits, response_logprobs, response_positions, to_device
 from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_policy, run_loop
 from ..losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from ..models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
@@ -77,12 +77,10 @@ class RunningMoments:
 
 def policy_outputs(model, value_head, batch: dict[str, torch.Tensor]):
     """One forward: per response token (B, R) log-probs, entropies and values, and the mask."""
-    attention_mask = batch["attention_mask"]
-    with autocast(batch["input_ids"].device):
-        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask), output_hidden_states=True)
     positions, targets, mask = response_positions(batch)
-    log_probs = torch.log_softmax(gather_positions(out.logits, positions).float(), dim=-1)
+    with autocast(batch["input_ids"].device):  # logits at response positions only (logprobs.response_logits)
+        logits, out = response_logits(model, batch, positions, output_hidden_states=True)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # the entropy reads the whole distribution
     logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     values = value_head(gather_positions(out.hidden_states[-1], positions))
