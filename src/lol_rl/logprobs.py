@@ -123,17 +123,21 @@ def head_at(model, positions: torch.Tensor):
     transformers' causal LMs, a peft model's included, LoRA on the head too) sees only the hidden
     states at `positions` (B, R): the logits are (B, R, V), never (B, T, V) over prompt tokens.
     transformers' `logits_to_keep` keeps one range of positions for every row; a row's response
-    starts at its own position, so the head's input is gathered per row here instead."""
+    starts at its own position, so the head's input is gathered per row here instead. Yields a
+    list that is non-empty once the head ran on gathered states (else the caller gathers logits)."""
     head = _unwrapped(model).get_output_embeddings()
     if head is None:
         raise TypeError(f"{type(_unwrapped(model)).__name__} has no output embedding (LM head) to gather positions for")
 
+    gathered: list[bool] = []  # a model that computes its logits without calling its head module leaves it empty
+
     def gather(module, args):
+        gathered.append(True)
         return (gather_positions(args[0], positions), *args[1:])
 
     handle = head.register_forward_pre_hook(gather)
     try:
-        yield
+        yield gathered
     finally:
         handle.remove()
 
@@ -156,10 +160,10 @@ def response_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tens
     output_hidden_states): the head runs on those positions alone from LEAN_HEAD_MIN_VOCAB up."""
     attention_mask = batch["attention_mask"]
     lean_head = _unwrapped(model).config.vocab_size >= LEAN_HEAD_MIN_VOCAB
-    with head_at(model, positions) if lean_head else contextlib.nullcontext():
+    with head_at(model, positions) if lean_head else contextlib.nullcontext() as gathered:
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
                     position_ids=position_ids(attention_mask), **kwargs)
-    return (out.logits if lean_head else gather_positions(out.logits, positions)), out
+    return (out.logits if gathered else gather_positions(out.logits, positions)), out
 
 
 def full_response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The offline step every offline stage runs (sft is it with the NLL loss): draw a batch
 (uniformly, as shuffled passes, or with replacement in proportion to a priority weight), one
-policy forward over its response groups, the algorithm's loss, one optimizer step. Reference
+policy forward over its response groups (one per micro-batch under `grad_accum`), the
+algorithm's loss, one optimizer step. Reference
 log-probs come from the reference stage's cache; nothing here names an algorithm."""
 
 from __future__ import annotations
