@@ -127,3 +127,25 @@ def test_selective_logprobs_in_pieces_are_the_full_log_softmax_bit_for_bit(dtype
     assert torch.equal(pieces, whole) and torch.equal(pieces_grad, whole_grad)
     with torch.no_grad():  # the reference stage's no-grad forwards: no checkpointing, same values
         assert torch.equal(selective_logprobs(logits, targets, piece=101 * 8), whole.detach())
+
+
+def test_a_model_that_never_calls_its_head_module_gets_its_logits_gathered_after(monkeypatch):
+    """Some architectures compute logits as F.linear(hidden, weight) without the head module:
+    the hook never fires, and the full logits are gathered at the response positions instead."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(logprobs, "LEAN_HEAD_MIN_VOCAB", 0)
+    model = gpt2()
+    batch = pad_batch(PROMPTS, RESPONSES, pad_id=0)
+    with torch.no_grad():
+        expected, _ = full_response_logprobs(model, batch)
+    from transformers.modeling_outputs import CausalLMOutput
+
+    def linear_logits(**kwargs):
+        hidden = model.transformer(**kwargs).last_hidden_state
+        return CausalLMOutput(logits=F.linear(hidden, model.lm_head.weight))
+
+    monkeypatch.setattr(model, "forward", linear_logits)
+    with torch.no_grad():
+        got, _ = response_logprobs(model, batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
