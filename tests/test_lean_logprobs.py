@@ -64,6 +64,7 @@ def values_and_grads(fn, model, batch):
 def test_the_lean_path_gives_the_full_paths_values_and_gradients(name, side, monkeypatch):
     monkeypatch.setattr(logprobs, "LEAN_HEAD_MIN_VOCAB", 0)  # the head on response positions, whatever the vocabulary
     monkeypatch.setattr(logprobs, "LOGSOFTMAX_PIECE", 64 * 5)  # pieces of 5 rows: several, recomputed in the backward
+    monkeypatch.setattr(logprobs.selective_logprobs, "__defaults__", (64 * 5,))
     model = MODELS[name]()
     batch = pad_batch(PROMPTS, RESPONSES, pad_id=0, side=side)
     full, full_mask, full_grads = values_and_grads(full_response_logprobs, model, batch)
@@ -114,7 +115,8 @@ def test_below_the_lean_vocabulary_the_path_is_the_old_one_bit_for_bit():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_logprobs_in_pieces_are_the_full_log_softmax_bit_for_bit(dtype):
+def test_selective_logprobs_in_pieces_are_the_full_log_softmax(dtype):
+    """Values bit for bit, gradients to float rounding (the backward's softmax is recomputed)."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(3, 37, 101, generator=g) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 101, (3, 37), generator=g)
@@ -124,7 +126,10 @@ def test_selective_logprobs_in_pieces_are_the_full_log_softmax_bit_for_bit(dtype
     pieces = selective_logprobs(logits, targets, piece=101 * 8)  # 14 pieces of 8 rows, the last short
     (pieces_grad,) = torch.autograd.grad((pieces * weights).sum(), logits)
     assert pieces.dtype == torch.float32 and pieces.shape == (3, 37)
-    assert torch.equal(pieces, whole) and torch.equal(pieces_grad, whole_grad)
+    assert torch.equal(pieces, whole)
+    assert pieces_grad.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    torch.testing.assert_close(pieces_grad, whole_grad, **tolerance)
     with torch.no_grad():  # the reference stage's no-grad forwards: no checkpointing, same values
         assert torch.equal(selective_logprobs(logits, targets, piece=101 * 8), whole.detach())
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def pad_batch(
@@ -79,29 +78,49 @@ def _target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+class _PiecewiseLogSoftmax(torch.autograd.Function):
+    """log softmax(logits)[target] for (N, V) logits, `rows` rows at a time. It keeps only the
+    logits for the backward, which writes d/dlogits = g * (onehot - softmax) into one (N, V)
+    gradient piece by piece: no fp32 (N, V) log-softmax is stored, and the pieces' gradients
+    are not held apart and then concatenated."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows: int):
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            out[start : start + rows] = _target_logprob(logits[start : start + rows], targets[start : start + rows])
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            piece = slice(start, start + ctx.rows)
+            weight = grad_out[piece, None].float()
+            piece_grad = F.softmax(logits[piece].float(), dim=-1).mul_(-weight)
+            piece_grad.scatter_add_(-1, targets[piece, None], weight)
+            grad[piece] = piece_grad
+        return grad, None, None
+
+
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, piece: int = LOGSOFTMAX_PIECE) -> torch.Tensor:
     """log softmax(logits)[target] for (..., V) logits and (...) targets, without a whole
     (..., V) fp32 log-softmax: pieces of about `piece` elements each take their log-softmax and
-    gather their targets; under autograd a piece is recomputed in the backward (activation
-    checkpointing), so only the logits themselves (in their own dtype, bf16 on a GPU) are kept.
-    Bit for bit the values and gradients of `token_logprobs`: the log-softmax is row-wise, and a
-    piece runs the same kernels on the same rows. (target - logsumexp rounds differently from
-    log_softmax by an ulp; this path keeps the numbers of runs made before it.) Logits that fit
-    one piece (model=tiny's) take the one log-softmax as before, with nothing recomputed."""
+    gather their targets, and the backward recomputes each piece's softmax (_PiecewiseLogSoftmax),
+    so only the logits themselves (in their own dtype, bf16 on a GPU) are kept. The values are
+    bit for bit `token_logprobs`' (the log-softmax is row-wise: a piece runs the same kernel on
+    the same rows); the gradient equals it to float rounding (softmax vs exp of log_softmax).
+    Logits that fit one piece (model=tiny's, every batch) take the one log-softmax as before,
+    values and gradients bit for bit."""
     shape = targets.shape
     flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     rows = max(1, piece // logits.shape[-1])
     if flat_logits.shape[0] <= rows:
         return _target_logprob(flat_logits, flat_targets).reshape(shape)
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    pieces = []
-    for start in range(0, flat_logits.shape[0], rows):
-        piece, target = flat_logits[start : start + rows], flat_targets[start : start + rows]
-        if grad:
-            pieces.append(checkpoint(_target_logprob, piece, target, use_reentrant=False, preserve_rng_state=False))
-        else:
-            pieces.append(_target_logprob(piece, target))
-    return torch.cat(pieces).reshape(shape)
+    return _PiecewiseLogSoftmax.apply(flat_logits, flat_targets, rows).reshape(shape)
 
 
 # vocabularies from which the LM head runs on response positions only (`head_at`). Below it
