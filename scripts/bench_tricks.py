@@ -4,6 +4,7 @@ in turn, in the style of torchtune's README table.
     python scripts/bench_tricks.py                               # embedded task, tiny model, CPU
     python scripts/bench_tricks.py model.n_layer=6 model.n_embd=256 model.n_head=8
     python scripts/bench_tricks.py model=gpt2 model.path=/path/to/gpt2 device=cuda   # adds the bf16 row
+    python scripts/bench_tricks.py --vocab-only                  # just the 32K / 128K vocabulary log-prob rows (~2 min)
 
 Rows, each adding one trick to the row above:
   1. pi_ref's log-probs recomputed every step by a second, frozen copy of the model (the
@@ -12,6 +13,12 @@ Rows, each adding one trick to the row above:
   3. read from the advantage stage's cache (no reference forward at all);
   4. length-bucketed batches (`rl.length_buckets=8`);
   5. bf16 weights and autocast (GPU only; rows 1-4 run in fp32 there).
+Then the log-probs at large vocabularies (`--vocab-only` runs just these): a small LLaMA built
+from config (2 layers, hidden 256, vocabularies of 32K and 128K tokens, LoRA r 16), one A-LOL
+step on 8 rows of 64 prompt + 64 response tokens, before (logits at every position, one fp32
+log_softmax over the vocabulary) and after (the head on response positions only, the selective
+log-softmax in pieces: logprobs.response_logprobs), peak RSS and step time, each in its own
+subprocess.
 Every row trains the same LoRA adapter (`model.lora`, r 16 over all linear layers unless the
 model config sets one) with A-LOL's loss on batches of `rl.batch_size` drawn by advantage, so
 rows 1 and 2 compare like with like. Each row runs in its own subprocess of this script, so
@@ -126,16 +133,94 @@ def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
             "parameters": sum(p.numel() for p in policy.parameters()), "batch_size": cfg.rl.batch_size}
 
 
+VOCABS = {"32k": 32000, "128k": 128256}  # LLaMA-2's and LLaMA-3's vocabularies
+LOGPROB_PATHS = {"full": "before: logits at every position, full fp32 log_softmax",
+                 "lean": "after: head on response positions, selective log-softmax"}
+
+
+def measure_vocab(vocab: str, path: str, steps: int, warmup: int, batch: int = 8, prompt: int = 64,
+                  response: int = 64) -> dict:
+    """One A-LOL step of a small from-config LLaMA + LoRA with the given log-prob path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lol_rl import logprobs
+
+    torch.set_num_threads(torch.get_num_threads())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCABS[vocab], hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=prompt + response)
+    policy = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                                  target_modules="all-linear"))
+    train_loop.response_logprobs = logprobs.full_response_logprobs if path == "full" else logprobs.response_logprobs
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, config.vocab_size, (prompt,), generator=g).tolist() for _ in range(batch)]
+    responses = [torch.randint(0, config.vocab_size, (int(torch.randint(response // 2, response + 1, (1,), generator=g)),),
+                               generator=g).tolist() for _ in range(batch)]
+    padded = logprobs.pad_batch(prompts, responses, pad_id=0)
+    padded["ref_logprobs"] = -torch.rand(batch, int(padded["response_lengths"].max()), generator=g) * 10
+    padded["advantages"] = torch.rand(batch, generator=g)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device("cpu")
+    reset_peak_memory(device)
+    resident = peak_memory(device)
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        policy.train()
+        loss, _ = train_loop.loss_on_batch(policy, padded, ["response"], LOSSES["alol"], {"eps": 0.9})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"vocab": vocab, "path": path, "seconds_per_step": statistics.median(times), "peak_bytes": peak_memory(device),
+            "resident_bytes": resident, "loss": loss.item(), "batch": batch, "prompt": prompt, "response": response,
+            "parameters": sum(p.numel() for p in policy.parameters())}
+
+
+def vocab_table(steps: int, warmup: int) -> list[dict]:
+    results = []
+    for vocab in VOCABS:
+        for path in LOGPROB_PATHS:
+            out = subprocess.run([sys.executable, __file__, "--only-vocab", f"{vocab}:{path}", "--steps", str(steps),
+                                  "--warmup", str(warmup)], check=True, capture_output=True, text=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first = results[0]
+    print(f"\nLog-probs at large vocabularies: A-LOL steps of a from-config LLaMA (2 layers, hidden 256) + LoRA r 16, "
+          f"batch {first['batch']} x ({first['prompt']} prompt + <= {first['response']} response tokens), CPU, "
+          f"{torch.get_num_threads()} threads, {steps} timed steps (median)")
+    print("| vocabulary | log-prob path | s/step | peak RSS (MiB) | peak over the loaded model (MiB) | loss |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['vocab']} | {LOGPROB_PATHS[r['path']]} | {r['seconds_per_step']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+              f"{(r['peak_bytes'] - r['resident_bytes']) / 2**20:.0f} | {r['loss']:.6f} |")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in a subprocess
+    parser.add_argument("--only-vocab", help=argparse.SUPPRESS)  # <vocab>:<path>, in a subprocess
+    parser.add_argument("--vocab-only", action="store_true", help="only the large-vocabulary log-prob rows")
+    parser.add_argument("--vocab-steps", type=int, default=3, help="timed steps per large-vocabulary row (after 1 warm-up)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6 rl.batch_size=64")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(measure(args.only, args.overrides, args.steps, args.warmup)))
+        return
+    if args.only_vocab:
+        vocab, path = args.only_vocab.split(":")
+        print(json.dumps(measure_vocab(vocab, path, args.steps, args.warmup)))
+        return
+    if args.vocab_only:
+        results = vocab_table(args.vocab_steps, 1)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         return
 
     results = []
@@ -156,6 +241,7 @@ def main() -> None:
         print(f"| {ROWS[result['row']]} | {result['sequences_per_s']:.1f} | "
               f"{result['sequences_per_s'] / first['sequences_per_s']:.2f} | {result['peak_bytes'] / 2**20:.0f} | "
               f"{result['cache_seconds']:.1f} |")
+    results += vocab_table(args.vocab_steps, 1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -113,3 +113,42 @@ def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_st
     with pytest.raises(ConfigError, match=r"^rl.batch_size=30 cannot be split evenly over 4 processes; "
                                              r"use a multiple of 4$"):
         check_batches_split(cfg, 4)
+
+
+WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from lol_rl import distributed
+import test_grad_accum
+
+out = Path({out!r}) / f"rank{{distributed.rank()}}"
+out.mkdir(parents=True)
+for family in {families!r}:
+    model, _ = test_grad_accum.train(out, family, grad_accum=2)
+    torch.save({{n: p.detach() for n, p in model.named_parameters()}}, out / f"{{family}}.pt")
+"""
+
+
+def test_two_processes_of_two_micro_batches_train_like_one_process_with_the_whole_batch(tmp_path):
+    """Batch 16 over 2 gloo processes x rl.grad_accum 2 (micro-batches of 4, no_sync until the
+    last): the weights one process gets with the 16 rows at once, for each loss family."""
+    import test_grad_accum
+
+    families = ["nll", "dpo", "pro"]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / "two"), families=families))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*accelerate, str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for family in families:
+        whole, _ = test_grad_accum.train(tmp_path / "one", family, grad_accum=1)
+        for rank in (0, 1):  # DDP keeps the replicas equal
+            two = torch.load(tmp_path / "two" / f"rank{rank}" / f"{family}.pt")
+            for name, p in whole.named_parameters():
+                torch.testing.assert_close(test_grad_accum.without_key_bias(name, two[name]),
+                                           test_grad_accum.without_key_bias(name, p.detach()),
+                                           rtol=1e-5, atol=1e-5, msg=f"{family}, rank {rank}: {name}")

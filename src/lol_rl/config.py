@@ -65,7 +65,8 @@ class OptimConfig:
 
     steps: int = ranged(low=0)  # 0: no training (a published pi_ref used as it is)
     epochs: Optional[float] = ranged(**POSITIVE)
-    batch_size: int = ranged(**COUNT)
+    batch_size: int = ranged(**COUNT)  # the optimizer batch, whatever grad_accum is
+    grad_accum: int = ranged(1, **COUNT)  # micro-batches per optimizer step (batch_size % (grad_accum x processes) == 0)
     lr: float = ranged(**POSITIVE)
     weight_decay: float = ranged(low=0)
     schedule: str = field(default=MISSING, metadata={"choices": schedules})

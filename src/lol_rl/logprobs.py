@@ -3,6 +3,7 @@ states; padding-safe on either side (positions come from the attention mask)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -63,15 +64,130 @@ def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] over the whole fp32 (..., V) log-softmax (what response_logprobs
+    computed before the lean path; kept as the reference the tests hold that path to)."""
     return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
+# elements per piece of the selective log-softmax: a piece's fp32 log-softmax (rows x V) is the
+# one full-vocabulary fp32 tensor alive at a time (64 MiB: 512 rows of a 32K vocabulary, 128 of 128K)
+LOGSOFTMAX_PIECE = 2**24
+
+
+def _target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+class _PiecewiseLogSoftmax(torch.autograd.Function):
+    """log softmax(logits)[target] for (N, V) logits, `rows` rows at a time. It keeps only the
+    logits for the backward, which writes d/dlogits = g * (onehot - softmax) into one (N, V)
+    gradient piece by piece: no fp32 (N, V) log-softmax is stored, and the pieces' gradients
+    are not held apart and then concatenated."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, rows: int):
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            out[start : start + rows] = _target_logprob(logits[start : start + rows], targets[start : start + rows])
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            piece = slice(start, start + ctx.rows)
+            weight = grad_out[piece, None].float()
+            piece_grad = F.softmax(logits[piece].float(), dim=-1).mul_(-weight)
+            piece_grad.scatter_add_(-1, targets[piece, None], weight)
+            grad[piece] = piece_grad
+        return grad, None, None
+
+
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, piece: int = LOGSOFTMAX_PIECE) -> torch.Tensor:
+    """log softmax(logits)[target] for (..., V) logits and (...) targets, without a whole
+    (..., V) fp32 log-softmax: pieces of about `piece` elements each take their log-softmax and
+    gather their targets, and the backward recomputes each piece's softmax (_PiecewiseLogSoftmax),
+    so only the logits themselves (in their own dtype, bf16 on a GPU) are kept. The values are
+    bit for bit `token_logprobs`' (the log-softmax is row-wise: a piece runs the same kernel on
+    the same rows); the gradient equals it to float rounding (softmax vs exp of log_softmax).
+    Logits that fit one piece (model=tiny's, every batch) take the one log-softmax as before,
+    values and gradients bit for bit."""
+    shape = targets.shape
+    flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    rows = max(1, piece // logits.shape[-1])
+    if flat_logits.shape[0] <= rows:
+        return _target_logprob(flat_logits, flat_targets).reshape(shape)
+    return _PiecewiseLogSoftmax.apply(flat_logits, flat_targets, rows).reshape(shape)
+
+
+# vocabularies from which the LM head runs on response positions only (`head_at`). Below it
+# (the tiny CPU models, 512 tokens) logits at every position are a small tensor and the head
+# runs on all of them as before: gathering the head's input first gives the same values but
+# reassociates the sum of the head's weight gradient over positions (~4e-8 on the tied
+# embedding of model=tiny), and those runs stay bit for bit what they were.
+LEAN_HEAD_MIN_VOCAB = 8192
+
+
+def _unwrapped(model):
+    """The module whose output embedding is the LM head (under DDP, the module it wraps)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def head_at(model, positions: torch.Tensor):
+    """While active, the model's LM head (its output embedding: GPT-2, LLaMA and the rest of
+    transformers' causal LMs, a peft model's included, LoRA on the head too) sees only the hidden
+    states at `positions` (B, R): the logits are (B, R, V), never (B, T, V) over prompt tokens.
+    transformers' `logits_to_keep` keeps one range of positions for every row; a row's response
+    starts at its own position, so the head's input is gathered per row here instead. Yields a
+    list that is non-empty once the head ran on gathered states (else the caller gathers logits)."""
+    head = _unwrapped(model).get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(_unwrapped(model)).__name__} has no output embedding (LM head) to gather positions for")
+
+    gathered: list[bool] = []  # a model that computes its logits without calling its head module leaves it empty
+
+    def gather(module, args):
+        gathered.append(True)
+        return (gather_positions(args[0], positions), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield gathered
+    finally:
+        handle.remove()
+
+
 def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_i | x, y_<i) for every response token.
+    """log pi(y_i | x, y_<i) for every response token: the LM head runs on the positions that
+    predict response tokens only, and the log-softmax is selective (`selective_logprobs`).
 
     Returns (logprobs, mask), both (B, R) with R the longest response; padded entries of
     `logprobs` are 0 and `mask` is False there.
     """
+    positions, targets, mask = response_positions(batch)
+    logits, _ = response_logits(model, batch, positions)
+    logprobs = selective_logprobs(logits, targets)
+    return logprobs.masked_fill(~mask, 0.0), mask
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tensor, **kwargs):
+    """The logits at `positions` (B, R, V) and the model's output (`kwargs` to its forward, e.g.
+    output_hidden_states): the head runs on those positions alone from LEAN_HEAD_MIN_VOCAB up."""
+    attention_mask = batch["attention_mask"]
+    lean_head = _unwrapped(model).config.vocab_size >= LEAN_HEAD_MIN_VOCAB
+    with head_at(model, positions) if lean_head else contextlib.nullcontext() as gathered:
+        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask), **kwargs)
+    return (out.logits if gathered else gather_positions(out.logits, positions)), out
+
+
+def full_response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """response_logprobs as it was before the lean path: logits at every position, a full fp32
+    log-softmax, then the response positions. The tests' and the benchmark's reference."""
     attention_mask = batch["attention_mask"]
     logits = model(
         input_ids=batch["input_ids"], attention_mask=attention_mask, position_ids=position_ids(attention_mask)

@@ -86,13 +86,14 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             parameters[name].copy_(value)
 
 
-def guarded_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float, skip_nonfinite: bool,
-                   failure: Callable[[str, float, float], str]) -> torch.Tensor | None:
-    """backward, clip, and the optimizer step unless the loss or the gradient is NaN/inf: then
-    NonFiniteError(`failure(what, loss, grad_norm)`), or with `skip_nonfinite` no step and None
-    (the caller counts it). Returns the gradient norm of a step taken."""
+def guarded_update(backward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, grad_clip: float,
+                   skip_nonfinite: bool, failure: Callable[[str, float, float], str]) -> torch.Tensor | None:
+    """`backward()` (the step's forward and backward passes, one per micro-batch under gradient
+    accumulation; it returns the step's loss), clip, and the optimizer step unless the loss or
+    the gradient is NaN/inf: then NonFiniteError(`failure(what, loss, grad_norm)`), or with
+    `skip_nonfinite` no step and None (the caller counts it). Returns the gradient norm of a step taken."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = backward()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     if not torch.isfinite(loss.detach() + grad_norm):  # one host sync per step, for both

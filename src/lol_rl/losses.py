@@ -14,6 +14,12 @@ Tensors a loss may take, by name (B rows, R response tokens, K ranked responses)
                             identity with one), for a statistic of the whole global batch
 Each returns (scalar loss, metrics), metrics being detached 0-d tensors (no sync per step).
 The training loop passes each function exactly the tensors its signature names.
+
+Every offline loss is a mean over rows of per-row terms (a pair or a ranking is one row, its
+responses never split): none reads a batch-level statistic (PRO's temperatures are reward
+gaps within a row), so the mean of equal micro-batches' losses is the batch's loss and
+gradient accumulation (offline.accumulate_gradients) weights each by 1/k. PPO's token means
+are batch-level normalisers: a micro-batch passes its minibatch's token count (`tokens`).
 """
 
 from __future__ import annotations
@@ -243,8 +249,11 @@ def check_params(loss: str | None, params: Mapping) -> None:
 # Online PPO (ppo.py): token-level pieces, all (B, T) over response tokens, mask True on them.
 # Names follow cleanrl's ppo.py; references are Schulman et al. 2017 (PPO) and 2016 (GAE).
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the masked entries; with `tokens`, their sum over that count instead: a
+    micro-batch's share of the token mean of the minibatch holding `tokens` response tokens
+    (the token mean is a batch-level normaliser, so PPO's gradient accumulation passes it)."""
+    return (values * mask).sum() / (mask.sum().clamp(min=1) if tokens is None else tokens)
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -281,27 +290,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip: float):
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip: float, tokens=None):
     """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-clip, 1+clip)),
-    r = pi_theta(y_t) / pi_old(y_t)."""
+    r = pi_theta(y_t) / pi_old(y_t); the loss and metrics are `masked_mean`s (`tokens`: of a
+    minibatch of which this is a micro-batch)."""
     log_ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = log_ratio.exp()
     pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip))
     with torch.no_grad():
         metrics = {
-            "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3 estimator of KL(old || new)
-            "ratio": masked_mean(ratio, mask),
+            "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask, tokens),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask, tokens),  # k3 estimator of KL(old || new)
+            "ratio": masked_mean(ratio, mask, tokens),
         }
-    return masked_mean(pg_loss, mask), metrics
+    return masked_mean(pg_loss, mask, tokens), metrics
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip: float):
-    """Clipped value loss: 0.5 * mean of max((V - G)^2, (V_old + clip(V - V_old, +-clip) - G)^2)."""
+def ppo_value_loss(values, old_values, returns, mask, *, clip: float, tokens=None):
+    """Clipped value loss: 0.5 * mean of max((V - G)^2, (V_old + clip(V - V_old, +-clip) - G)^2)
+    (`tokens` as in ppo_policy_loss)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    clip_fraction = masked_mean(((values - old_values).abs() > clip).float(), mask).detach()
-    return 0.5 * masked_mean(losses, mask), {"value_clip_fraction": clip_fraction}
+    clip_fraction = masked_mean(((values - old_values).abs() > clip).float(), mask, tokens).detach()
+    return 0.5 * masked_mean(losses, mask, tokens), {"value_clip_fraction": clip_fraction}
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, target: float, n_steps: int, horizon: int) -> float:

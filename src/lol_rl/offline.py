@@ -1,10 +1,12 @@
 """The offline step every offline stage runs (sft is it with the NLL loss): draw a batch
 (uniformly, as shuffled passes, or with replacement in proportion to a priority weight), one
-policy forward over its response groups, the algorithm's loss, one optimizer step. Reference
+policy forward over its response groups (one per micro-batch under `grad_accum`), the
+algorithm's loss, one optimizer step. Reference
 log-probs come from the reference stage's cache; nothing here names an algorithm."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -93,13 +95,18 @@ class BatchSource:
         """The next batch, or process `rank`'s disjoint share of it when `world` processes train
         on one global batch (every process draws the same batches: same seed, same sampler)."""
         indices = shard_rows(self.draw(), rank, world)
+        return indices, self.batch(indices)
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The padded batch of rows `indices`: every response group of each row (a pair or a
+        ranking stays together), their cached reference log-probs, the per-row tensors."""
         batch = self.rows.batch(indices.tolist(), self.groups)
         if self.ragged:
             width = int(batch["response_lengths"].max())
             batch["ref_logprobs"] = torch.cat([ragged_rows(*self.ragged[g], indices, width) for g in self.groups])
         for name, tensor in self.row_tensors.items():
             batch[name] = tensor[indices]
-        return indices, batch
+        return batch
 
 
 def call_loss(loss_fn: Callable, params: dict, tensors: dict[str, torch.Tensor]):
@@ -129,6 +136,38 @@ def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], 
     return call_loss(loss_fn, params, tensors)
 
 
+def micro_batches(indices: torch.Tensor, grad_accum: int) -> tuple[torch.Tensor, ...]:
+    """A process's share of a batch cut into `grad_accum` equal contiguous micro-batches (a
+    length-bucketed batch is sorted by length, so each micro-batch pads to its own longest)."""
+    if len(indices) % grad_accum:
+        raise ValueError(f"a share of {len(indices)} rows cannot be cut into {grad_accum} equal micro-batches")
+    return indices.split(len(indices) // grad_accum)
+
+
+def accumulate_gradients(model, source: BatchSource, parts: Sequence[torch.Tensor], loss_fn: Callable, params: dict,
+                         device) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of each micro-batch in turn, its loss weighted 1/len(parts): every
+    offline loss is a mean over rows of per-row terms (a pair or a ranking is one row; losses.py),
+    so the summed gradient is the whole batch's, while only one micro-batch's activations are
+    alive at a time. Under DDP only the last backward all-reduces. Returns the batch's loss
+    (detached) and its metrics, each the mean of the micro-batches' (a per-row mean is then the
+    batch's; a token-weighted one, alol_seq's clip fraction, is a mean of micro-batch means)."""
+    if len(parts) == 1:  # no accumulation: exactly the one-batch step
+        loss, metrics = loss_on_batch(model, to_device(source.batch(parts[0]), device), source.groups, loss_fn, params)
+        loss.backward()
+        return loss, metrics
+    total, sums = None, {}
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss, metrics = loss_on_batch(model, to_device(source.batch(part), device), source.groups, loss_fn, params)
+            (loss / len(parts)).backward()
+        total = loss.detach() / len(parts) if total is None else total + loss.detach() / len(parts)
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() / len(parts)
+    return total, sums
+
+
 def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, opt_cfg, *, device, stage: str,
              metrics: StageRecords, validation: Validation | None = None, row_ids: Sequence[str] | None = None,
              optimizer_name: str = "adamw", checkpoint=None) -> dict:
@@ -138,28 +177,36 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     stops the run naming the step and the rows (by `row_ids`), unless `opt_cfg.skip_nonfinite`.
 
     Under several processes each trains on its share of every global batch under DDP (the
-    gradient is the global batch's); the main process alone validates and checkpoints."""
+    gradient is the global batch's); the main process alone validates and checkpoints. With
+    `opt_cfg.grad_accum` k > 1 each share runs as k micro-batches whose gradients add up to its
+    own (`batch_size` stays the optimizer batch; k only bounds the memory of a forward)."""
     optimizer = make_optimizer(model, opt_cfg, optimizer_name)
     rank, world = distributed.rank(), distributed.world_size()
     trained = distributed.data_parallel(model)  # the forward/backward; `model` itself for generation and saving
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
+    grad_accum = opt_cfg.get("grad_accum", 1)
 
     def step(n: int) -> dict | None:
         model.train()
-        indices, batch = source.sample(rank, world)
+        indices = shard_rows(source.draw(), rank, world)
         distributed.record_shard(stage, n, indices)
-        loss, loss_metrics = loss_on_batch(trained, to_device(batch, device), source.groups, loss_fn, params)
+        parts = micro_batches(indices, grad_accum)
+        outcome = {}
+
+        def backward() -> torch.Tensor:
+            outcome["loss"], outcome["metrics"] = accumulate_gradients(trained, source, parts, loss_fn, params, device)
+            return outcome["loss"]
 
         def failure(what: str, loss_value: float, grad_norm: float) -> str:
             rows = [row_ids[i] for i in indices.tolist()] if row_ids is not None else indices.tolist()
             return (f"{stage}: non-finite {what} at step {n} (loss {loss_value}, grad norm {grad_norm}) on train rows "
                     f"{rows}; {stage}.skip_nonfinite=true skips such steps")
 
-        grad_norm = guarded_update(loss, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
+        grad_norm = guarded_update(backward, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
         scheduler.step()
-        return None if grad_norm is None else {"loss": loss, "grad_norm": grad_norm, **loss_metrics}
+        return None if grad_norm is None else {"loss": outcome["loss"], "grad_norm": grad_norm, **outcome["metrics"]}
 
     loop = Loop(stage=stage, steps=opt_cfg.steps, step=step, model=model, trainable=model, optimizer=optimizer,
                 scheduler=scheduler, metrics=metrics, log_interval=opt_cfg.log_interval, validation=validation,

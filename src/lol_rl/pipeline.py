@@ -130,11 +130,27 @@ def stages_needed(name: str, algorithm: Algorithm) -> set[str]:
 
 def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
     """Under `world` processes each trains on an equal share of every batch of the
-    data-parallel loops: a batch size that does not divide stops here, not at a stage's first step."""
+    data-parallel loops, in `grad_accum` equal micro-batches: a batch size that does not divide
+    stops here, not at a stage's first step."""
     for section in sections:
-        if cfg[section].batch_size % world:
-            raise ConfigError(f"{section}.batch_size={cfg[section].batch_size} cannot be split evenly over "
+        batch_size, grad_accum = cfg[section].batch_size, cfg[section].get("grad_accum", 1)
+        if grad_accum == 1 and batch_size % world:
+            raise ConfigError(f"{section}.batch_size={batch_size} cannot be split evenly over "
                               f"{world} processes; use a multiple of {world}")
+        if batch_size % (grad_accum * world):
+            over = f" on each of {world} processes" if world > 1 else ""
+            raise ConfigError(f"{section}.batch_size={batch_size} cannot be cut into {section}.grad_accum={grad_accum} "
+                              f"equal micro-batches{over}; use a multiple of {grad_accum * world}")
+
+
+def check_ppo_minibatches(cfg) -> None:
+    """PPO cuts each update's rl.batch_size rollouts into algo.params.minibatches minibatches, and
+    each minibatch into rl.grad_accum micro-batches: with accumulation they must divide evenly."""
+    grad_accum, minibatches = cfg.rl.get("grad_accum", 1), cfg.algo.params.minibatches
+    if grad_accum > 1 and cfg.rl.batch_size % (minibatches * grad_accum):
+        raise ConfigError(f"rl.batch_size={cfg.rl.batch_size} cannot be cut into algo.params.minibatches={minibatches} "
+                          f"minibatches of rl.grad_accum={grad_accum} equal micro-batches; use a multiple of "
+                          f"{minibatches * grad_accum}")
 
 
 def reward_specs(reward):
@@ -163,6 +179,8 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "sft", train_rows)
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
+    if algo.trainer == "ppo":  # on the main process alone
+        check_ppo_minibatches(cfg)
     check_split_sizes(task, algo)
     check_data_threshold(task, algo)
     metrics = MetricsLogger(metrics_path, enabled=distributed.is_main(), **tracking)

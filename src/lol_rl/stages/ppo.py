@@ -33,7 +33,7 @@ from transformers import get_scheduler
 
 from .. import artifacts
 from ..data import cut_counts, encode_rows
-from ..logprobs import gather_positions, pad_batch, position_ids, response_logprobs, response_positions, to_device
+from ..logprobs import gather_positions, pad_batch, response_logits, response_logprobs, response_positions, to_device
 from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_policy, run_loop
 from ..losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from ..models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
@@ -77,12 +77,10 @@ class RunningMoments:
 
 def policy_outputs(model, value_head, batch: dict[str, torch.Tensor]):
     """One forward: per response token (B, R) log-probs, entropies and values, and the mask."""
-    attention_mask = batch["attention_mask"]
-    with autocast(batch["input_ids"].device):
-        out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask), output_hidden_states=True)
     positions, targets, mask = response_positions(batch)
-    log_probs = torch.log_softmax(gather_positions(out.logits, positions).float(), dim=-1)
+    with autocast(batch["input_ids"].device):  # logits at response positions only (logprobs.response_logits)
+        logits, out = response_logits(model, batch, positions, output_hidden_states=True)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # the entropy reads the whole distribution
     logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     values = value_head(gather_positions(out.hidden_states[-1], positions))
@@ -163,31 +161,46 @@ def ppo_epochs(model, value_head, rollouts: Rollouts, optimizer, scheduler, para
     loss or gradient stops the run naming the prompts, unless rl.skip_nonfinite (skipped, counted)."""
     n = len(rollouts.scores)
     size = math.ceil(n / params.minibatches)
+    grad_accum = opt_cfg.get("grad_accum", 1)
     totals: dict[str, float] = {}
     steps = skipped = 0
     for _ in range(params.epochs):
         for rows in torch.randperm(n, generator=generator).split(size):
             rows = rows.to(rollouts.scores.device)
-            batch, old = rollouts.minibatch(rows)
-            logprobs, entropy, values, mask = policy_outputs(model, value_head, batch)
-            pg_loss, pg_metrics = ppo_policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask, clip=params.clip)
-            vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask, clip=params.value_clip)
-            mean_entropy = masked_mean(entropy, mask)
-            loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
+            terms: dict[str, torch.Tensor] = {}
+
+            def backward(rows=rows, terms=terms) -> torch.Tensor:
+                """The minibatch's loss, backward per micro-batch: each token mean is a sum over the
+                micro-batch divided by the minibatch's token count, so the parts add up to it."""
+                parts = rows.split(len(rows) // grad_accum) if grad_accum > 1 else (rows,)
+                tokens = rollouts.mask[rows].sum().clamp(min=1) if grad_accum > 1 else None
+                for part in parts:
+                    batch, old = rollouts.minibatch(part)
+                    logprobs, entropy, values, mask = policy_outputs(model, value_head, batch)
+                    pg_loss, pg_metrics = ppo_policy_loss(logprobs, old["old_logprobs"], old["advantages"], mask,
+                                                          clip=params.clip, tokens=tokens)
+                    vf_loss, vf_metrics = ppo_value_loss(values, old["old_values"], old["returns"], mask,
+                                                         clip=params.value_clip, tokens=tokens)
+                    mean_entropy = masked_mean(entropy, mask, tokens)
+                    loss = pg_loss + params.vf_coef * vf_loss - params.ent_coef * mean_entropy
+                    loss.backward()
+                    for name, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
+                                        "entropy": mean_entropy, **pg_metrics, **vf_metrics}.items():
+                        terms[name] = value.detach() if name not in terms else terms[name] + value.detach()
+                return terms["loss"]
 
             def failure(what: str, loss_value: float, grad_norm: float, rows=rows) -> str:
                 prompts = [row_ids[i] for i in rows.tolist()]
                 return (f"rl (ppo): non-finite loss or gradient at update {update} (loss {loss_value}, grad norm "
                         f"{grad_norm}) on train prompts {prompts}; rl.skip_nonfinite=true skips such minibatches")
 
-            grad_norm = guarded_update(loss, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
+            grad_norm = guarded_update(backward, optimizer, opt_cfg.grad_clip, opt_cfg.skip_nonfinite, failure)
             scheduler.step()
             if grad_norm is None:
                 skipped += 1
                 continue
             steps += 1
-            for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
-                                "grad_norm": grad_norm, **pg_metrics, **vf_metrics}.items():
+            for name, value in {**{k: v for k, v in terms.items() if k != "loss"}, "grad_norm": grad_norm}.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().item()
     return {**{name: value / max(steps, 1) for name, value in totals.items()}, "skipped_minibatches": skipped}
 
