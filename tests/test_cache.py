@@ -219,6 +219,7 @@ def test_downstream_changes_keep_upstream_keys(stub_pipeline, tmp_path):
     rerun("value", ["value.epochs=3"], rebuilt={"value", "advantage", "rl", "eval"})
     assert calls == ["value", "advantage", "rl", "eval"]
     rerun("adv_batch", ["advantage.batch_size=7"], rebuilt=set())  # a runtime key: the same tensors
+    rerun("checkpoints", ["sft.checkpoint_interval=7", "rl.checkpoint_interval=3"], rebuilt=set())  # runtime too
     rerun("task_reward", ["task.rewards=[correct]"], rebuilt=set(base) - {"sft"})  # pi_ref never scores
     rerun("sft", ["sft.steps=5"], rebuilt=set(base))
     rerun("kept", ["algo=nll_kept"], rebuilt={"rl", "eval"})
@@ -404,7 +405,7 @@ def test_a_stage_key_moves_with_exactly_the_config_it_declares(overrides):
         for path, value in leaves:
             changed = _changed(cfg, path, value)
             moved = config_key(stage.folder, key_parts(stage, changed, "data", {})) != key
-            declared = _under(path, stage.reads) and not _under(path, stage.ignores)
+            declared = _under(path, stage.reads) and not _under(path, stage.ignores + stage.runtime)
             assert moved == declared, f"stage {stage.name}: changing {path} {'moved' if moved else 'kept'} its key"
         assert config_key(stage.folder, key_parts(stage, cfg, "other data", {})) != key
         assert config_key(stage.folder, key_parts(stage, cfg, "data", {"sft": "another"})) != key

@@ -70,7 +70,8 @@ def _drop(tree: dict, paths: tuple[str, ...]) -> dict:
 
 def key_parts(stage: Stage, cfg: DictConfig, fingerprint: str, input_keys: dict[str, str]) -> dict:
     """What the artifact's cache key hashes: the declared config slice, the data and the inputs' keys."""
-    return {**_drop(_select(cfg, stage.reads), stage.ignores), "data": fingerprint, **input_keys}
+    # runtime keys (how often it checkpoints, rows per no-grad forward) never change the artifact
+    return {**_drop(_select(cfg, stage.reads), stage.ignores + stage.runtime), "data": fingerprint, **input_keys}
 
 
 def stage_config(stage: Stage, cfg: DictConfig) -> DictConfig:
