@@ -216,8 +216,13 @@ def train_phase(policy, setups: dict, optimizer, grad_clip: float, device: torch
     """Median step seconds and peak memory per algorithm, over interleaved rounds."""
     def step(setup: dict) -> None:
         policy.train()
-        loss, _ = loss_on_batch(policy, setup["batch"], setup["groups"], setup["loss"], setup["params"])
-        guarded_update(loss, optimizer, grad_clip, False,
+
+        def backward() -> torch.Tensor:  # the loop's step with grad_accum 1: one forward, one backward
+            loss, _ = loss_on_batch(policy, setup["batch"], setup["groups"], setup["loss"], setup["params"])
+            loss.backward()
+            return loss.detach()
+
+        guarded_update(backward, optimizer, grad_clip, False,
                        lambda what, value, norm: f"gpu check: non-finite {what} (loss {value}, grad norm {norm})")
 
     times = {name: [] for name in setups}

@@ -21,7 +21,8 @@ from lol_rl.offline import BatchSource, optimize
 from lol_rl.pipeline import check_batches_split, check_ppo_minibatches
 from lol_rl.tracking import MetricsLogger
 
-PARAMS = {"eps": 0.2, "beta": 0.1, "u": 0.1, "sft_weight": 0.05}
+PARAMS = {"eps": 0.2, "beta": 0.1, "u": 0.1, "sft_weight": 0.05, "desirable_weight": 1.0, "undesirable_weight": 1.5,
+          "threshold": 0.5}
 
 
 def loss_tensors(batch: int = 16, width: int = 6, ranked: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -39,6 +40,12 @@ def loss_tensors(batch: int = 16, width: int = 6, ranked: int = 3, seed: int = 0
     for prefix in ("", "rejected_", "ranking_"):
         t[f"{prefix}logprobs"] = logprobs(t[f"{prefix}mask"]).requires_grad_()
         t[f"{prefix}ref_logprobs"] = logprobs(t[f"{prefix}mask"])
+    # KTO's mismatched pairs, below their reference everywhere: z0 = max(0, mean KL) is 0 in the whole
+    # batch and in every part of it. A batch-level statistic cannot be exact over micro-batches
+    # otherwise: like TRL's, KTO's z0 is each micro-batch's own estimate under grad_accum.
+    t["mismatched_mask"] = mask(batch)
+    t["mismatched_ref_logprobs"] = logprobs(t["mismatched_mask"])
+    t["mismatched_logprobs"] = (t["mismatched_ref_logprobs"] - 0.1).masked_fill(~t["mismatched_mask"], 0.0)
     t["advantages"] = torch.rand(batch, generator=g, dtype=torch.float64)
     t["rewards"] = torch.rand(batch, generator=g, dtype=torch.float64) * 2 - 0.5
     t["ranking_rewards"] = torch.rand(batch, ranked, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values
@@ -47,8 +54,10 @@ def loss_tensors(batch: int = 16, width: int = 6, ranked: int = 3, seed: int = 0
 
 def call(name: str, t: dict, rows=slice(None)):
     fn = LOSSES[name]
-    named = {p.name: p.kind for p in inspect.signature(fn).parameters.values()}
-    args = {k: t[k][rows] for k, kind in named.items() if kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    parameters = inspect.signature(fn).parameters.values()
+    named = {p.name: p.kind for p in parameters}
+    args = {p.name: t[p.name][rows] for p in parameters  # process_mean keeps its default: one process
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty}
     return fn(**args, **{k: PARAMS[k] for k, kind in named.items() if kind is inspect.Parameter.KEYWORD_ONLY})
 
 

@@ -30,7 +30,7 @@ from .files import atomic_write_text
 from .models import save_policy
 from .progress import progress_disabled
 from .rewards import RewardError
-from .tracking import StageRecords
+from .tracking import MetricsLogger, StageRecords
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class Loop:
     trainable: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    metrics: StageRecords
+    metrics: StageRecords | MetricsLogger  # a bare logger in tests and benchmarks
     log_interval: int
     validation: Validation | None = None
     checkpoint: Path | None = None

@@ -50,6 +50,10 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({f"{stage}/{k}": v for k, v in values.items()}, step=None)
 
+    def forget_after(self, step: int) -> None:
+        """Nothing: a run's own metrics.jsonl is its log, killed attempts included; only an
+        artifact's records (StageRecords) must read as if the run had never been killed."""
+
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
