@@ -401,6 +401,27 @@ def test_the_progress_bar_shows_the_last_validation_reward_beside_the_loss(tmp_p
     assert "rl: step 3/4 loss 3.0000, last validation reward 0.7500," in caplog.text
 
 
+def test_a_response_groups_reference_log_probs_are_built_only_for_a_loss_that_reads_them(first_run, workspace):
+    """A-LOL reads pi_ref's log-probs of the logged responses alone: the reference artifact holds no
+    other group's. DPO on the same cache reuses that artifact and builds the rejected group's stage."""
+    import torch
+
+    run1, _ = first_run
+    first = json.loads((run1 / "stages.json").read_text())
+    assert "rejected" not in first and "ranking" not in first
+    held = torch.load(Path(first["reference"]["dir"]) / "reference.pt", weights_only=True)
+    assert sorted(k for k in held if k.startswith("ref_")) == ["ref_logprobs/response", "ref_offsets/response"]
+    run_dir = workspace / "dpo"
+    proc = lol_rl("train", *TINY, "algo=dpo", f"hydra.run.dir={run_dir}", cache=workspace / "cache")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert list(stages) == ["sft", "reference", "rejected", "rl", "eval_ref", "eval"]
+    assert stages["reference"]["cached"] is True and stages["reference"]["dir"] == first["reference"]["dir"]
+    rejected = torch.load(Path(stages["rejected"]["dir"]) / "rejected.pt", weights_only=True)
+    assert sorted(rejected) == ["ref_logprobs/rejected", "ref_offsets/rejected"]
+    assert len(rejected["ref_logprobs/rejected"]) == int(rejected["ref_offsets/rejected"][-1]) > 0
+
+
 def test_kto_on_the_embedded_task_reuses_pi_ref_and_its_reference_artifact(first_run, workspace):
     """KTO after A-LOL on the same cache: sft and the reference stage are the A-LOL run's (their keys
     do not depend on the algorithm), the mismatched pairs get their own stage, no value head is fit,

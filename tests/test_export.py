@@ -56,7 +56,8 @@ def _tiny_checkpoint(path: Path) -> Path:
     """A causal LM saved as a hub checkpoint is (config, weights, tokenizer), built offline."""
     texts = [row["prompt"] + " " + row["response"] for row in artifacts.read_jsonl(SUPPORT / "train.jsonl")]
     tokenizer = train_tokenizer(texts, 300)
-    cfg = OmegaConf.create({"arch": "gpt2", "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0})
+    cfg = OmegaConf.create({"arch": "gpt2", "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0,
+                           "activation": "gelu_new"})
     torch.manual_seed(0)
     build_from_config(cfg, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -26,7 +26,8 @@ def pretrained_dir(tmp_path_factory):
     """A causal LM saved as a hub checkpoint is (config, weights, tokenizer), built offline."""
     path = tmp_path_factory.mktemp("pretrained") / "tiny-gpt2"
     tokenizer = train_tokenizer(TEXTS, 300)
-    cfg = OmegaConf.create({"arch": "gpt2", "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0})
+    cfg = OmegaConf.create({"arch": "gpt2", "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0,
+                           "activation": "gelu_new"})
     torch.manual_seed(0)
     build_from_config(cfg, tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)

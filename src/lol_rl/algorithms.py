@@ -69,11 +69,11 @@ class Algorithm:
         wanted = {ROW_TENSORS[name] for name in self.loss_inputs if name in ROW_TENSORS}
         if self.reads_reference or self.sampling == "reward":
             wanted.add("reference")
-        if self.reads_reference and MISMATCHED in self.groups:  # cached apart: no other algorithm pays for it
-            wanted.add("mismatched")
+        if self.reads_reference:  # every group but the logged response is cached apart: no other algorithm pays for it
+            wanted.update(group for group in self.groups if group != RESPONSE)
         if self.keep == "positive_advantage" or self.sampling == "advantage":
             wanted.add("advantage")
-        return ("sft", *(stage for stage in ("reference", "mismatched", "advantage") if stage in wanted))
+        return ("sft", *(stage for stage in ("reference", REJECTED, RANKING, MISMATCHED, "advantage") if stage in wanted))
 
     def task_needs(self) -> list[tuple[str, str]]:
         """(provision, description) the task must have: Task.provides() names the provisions."""

@@ -16,9 +16,14 @@ VALUE_HEAD_SPEC = "value_head.json"  # what builds the head again (sizes, reward
 VALUE_REPORT = "report.json"  # held-out MSE by epoch, the constant baseline
 VALUE_SAMPLES = "samples.jsonl"  # pi_ref's scored samples of the validation prompts
 
-# reference: R of every train row and pi_ref's per-token log-probs of each response group
+# reference: R of every train row and pi_ref's per-token log-probs of the logged responses
 REFERENCE_TENSORS = "reference.pt"
-MISMATCHED_TENSORS = "mismatched.pt"  # mismatched: pi_ref's log-probs of the mismatched pairs (data.MISMATCHED)
+
+
+def group_tensors(group: str) -> str:
+    """rejected / ranking / mismatched: pi_ref's per-token log-probs of that response group."""
+    return f"{group}.pt"
+
 
 # advantage: V(x) of the train prompts, A = R - V, what the A <= 0 filter keeps
 ADVANTAGE_TENSORS = "advantages.pt"

@@ -75,6 +75,7 @@ class OptimConfig:
     log_interval: int = ranged(**COUNT)
     skip_nonfinite: bool = MISSING
     checkpoint_interval: int = ranged(low=0)  # 0: never
+    length_buckets: int = ranged(**COUNT)  # batches drawn at once and regrouped by length (offline.BatchSource)
 
 
 @dataclass
@@ -87,7 +88,6 @@ class RLConfig(OptimConfig):
     val_interval: int = ranged(**COUNT)
     validations_per_epoch: Optional[int] = ranged(**COUNT)
     val_prompts: int = ranged(**COUNT)
-    length_buckets: int = ranged(**COUNT)
 
 
 @dataclass
@@ -294,6 +294,8 @@ class FromConfigModel(ModelConfig):
     n_head: int = ranged(**COUNT)
     n_positions: int = ranged(**COUNT)
     dropout: float = ranged(low=0, high=1, high_open=True)
+    # GPT-2's tanh GELU: gelu_new from small element-wise ops, gelu_pytorch_tanh the same function as one fused op
+    activation: str = choice("gelu_new", "gelu_pytorch_tanh", default="gelu_new")
     vocab_size: int = ranged(low=16)
 
 

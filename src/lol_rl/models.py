@@ -73,6 +73,7 @@ def build_from_config(model_cfg, tokenizer) -> torch.nn.Module:
         resid_pdrop=model_cfg.dropout,
         embd_pdrop=model_cfg.dropout,
         attn_pdrop=model_cfg.dropout,
+        activation_function=model_cfg.activation,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -35,7 +35,7 @@ from .tracking import MetricsLogger, StageRecords
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, reference.MISMATCHED_STAGE, advantage.STAGE,
+STAGES: tuple[Stage, ...] = (sft.STAGE, value.STAGE, reference.STAGE, *reference.GROUP_STAGES, advantage.STAGE,
                              rl.STAGE, evaluate.REFERENCE, evaluate.POLICY)
 BY_NAME = {stage.name: stage for stage in STAGES}
 

@@ -1,13 +1,14 @@
 """Stage 3a: what pi_ref and the reward say of the logged data. For every train row: R(x, y)
 (the data's own reward, or the task's components), the rewards of a ranking's responses, and
-the per-token log-probs of each response group under pi_ref, computed once here so that
+the per-token log-probs of the logged response under pi_ref, computed once here so that
 training runs one policy forward per step. Every algorithm that reads a reward or the
 reference reads this artifact, so a sweep computes it once.
 
-Stage 3c (`mismatched`, declared here too): the same per-token log-probs of the mismatched pairs
-(row i's prompt, row i-1's response; data.MISMATCHED), built only for a loss that reads them
-(KTO's reference point), so the reference artifact and its key stay as every other algorithm
-has them. It never scores, so a new reward reuses it."""
+The other response groups' reference log-probs are stages of their own, named by the group
+(`rejected`, `ranking`, and `mismatched`: row i's prompt with row i-1's response, data.MISMATCHED),
+built only for a loss that reads them (DPO, PRO, KTO's reference point): A-LOL never pays for the
+rejected or ranked responses, and a sweep over DPO and PRO still computes each group once. They
+never score, so a new reward reuses them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import artifacts
-from ..data import MISMATCHED, RESPONSE, cut_counts, encode_rows
+from ..data import MISMATCHED, RANKING, REJECTED, RESPONSE, cut_counts, encode_rows
 from ..logprobs import response_logprobs, to_device
 from ..models import load_policy
 from ..progress import progress_disabled
@@ -60,25 +61,39 @@ def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPON
     return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
 
-def run(stage: StageRun) -> None:
-    cfg, task = stage.cfg, stage.task
-    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
-    model.eval()
-    examples = task.splits["train"]
-    rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
-    rewards, per_component = train_rewards(task, examples)
-    tensors = {"rewards": torch.from_numpy(rewards),
-               **{f"rewards/{name}": torch.from_numpy(np.asarray(values)) for name, values in per_component.items()}}
-    computed: list[str] = []  # a group whose ids equal an earlier one's (ranking/0 is often the response) reuses it
-    for group in rows.groups:  # the logged response, and the rejected / ranked ones where the task has them
-        same = next((g for g in computed if rows.group(g) == rows.group(group)), None)
+def group_logprobs(model, rows, batch_size: int, device, groups) -> dict[str, torch.Tensor]:
+    """ref_logprobs/<group> and ref_offsets/<group> of each group; a group whose ids equal an
+    earlier one's (ranking/0 is often the response) reuses its tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, group in enumerate(groups):
+        same = next((g for g in groups[:i] if rows.group(g) == rows.group(group)), None)
         if same is None:
             tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
-                model, rows, cfg.advantage.batch_size, stage.device, group)
+                model, rows, batch_size, device, group)
         else:
             tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = (
                 tensors[f"ref_logprobs/{same}"], tensors[f"ref_offsets/{same}"])
-        computed.append(group)
+    return tensors
+
+
+def reference_rows(stage: StageRun):
+    """pi_ref in eval mode and the train rows as it tokenizes them."""
+    cfg = stage.cfg
+    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
+    model.eval()
+    rows = encode_rows(tokenizer, stage.task, stage.task.splits["train"], cfg.model.max_prompt_tokens,
+                       cfg.model.max_response_tokens)
+    return model, rows
+
+
+def run(stage: StageRun) -> None:
+    task = stage.task
+    model, rows = reference_rows(stage)
+    examples = task.splits["train"]
+    rewards, per_component = train_rewards(task, examples)
+    tensors = {"rewards": torch.from_numpy(rewards),
+               **{f"rewards/{name}": torch.from_numpy(np.asarray(values)) for name, values in per_component.items()},
+               **group_logprobs(model, rows, stage.cfg.advantage.batch_size, stage.device, [RESPONSE])}
     if task.reward is not None and all(e.ranking is not None for e in examples):
         tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
     torch.save(tensors, stage.out / artifacts.REFERENCE_TENSORS)
@@ -86,22 +101,17 @@ def run(stage: StageRun) -> None:
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
 
 
-def run_mismatched(stage: StageRun) -> None:
-    cfg = stage.cfg
-    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
-    model.eval()
-    rows = encode_rows(tokenizer, stage.task, stage.task.splits["train"], cfg.model.max_prompt_tokens,
-                       cfg.model.max_response_tokens)
-    flat, offsets = reference_logprobs(model, rows, cfg.advantage.batch_size, stage.device, MISMATCHED)
-    torch.save({f"ref_logprobs/{MISMATCHED}": flat, f"ref_offsets/{MISMATCHED}": offsets},
-               stage.out / artifacts.MISMATCHED_TENSORS)
+def run_group(stage: StageRun, group: str) -> None:
+    model, rows = reference_rows(stage)
+    tensors = group_logprobs(model, rows, stage.cfg.advantage.batch_size, stage.device, rows.expand([group]))
+    torch.save(tensors, stage.out / artifacts.group_tensors(group))
 
 
-def load(reference_dir, rows, name: str = artifacts.REFERENCE_TENSORS, groups=None) -> dict[str, torch.Tensor]:
+def load(reference_dir, rows, name: str = artifacts.REFERENCE_TENSORS, groups=(RESPONSE,)) -> dict[str, torch.Tensor]:
     """A reference artifact's tensors, checked against this run's tokenization of every group it
-    holds (`groups`; default: the data's)."""
+    holds (`groups`)."""
     tensors = torch.load(reference_dir / name, weights_only=True)
-    for group in rows.groups if groups is None else groups:
+    for group in groups:
         offsets = tensors.get(f"ref_offsets/{group}")
         lengths = torch.tensor([len(r) for r in rows.group(group)])
         if offsets is None or not torch.equal(offsets.diff(), lengths):
@@ -109,8 +119,9 @@ def load(reference_dir, rows, name: str = artifacts.REFERENCE_TENSORS, groups=No
     return tensors
 
 
-def load_mismatched(mismatched_dir, rows) -> dict[str, torch.Tensor]:
-    return load(mismatched_dir, rows, artifacts.MISMATCHED_TENSORS, groups=[MISMATCHED])
+def load_group(group_dir, rows, group: str) -> dict[str, torch.Tensor]:
+    """A group stage's tensors (`ranking`: every ranking/k), checked like `load`."""
+    return load(group_dir, rows, artifacts.group_tensors(group), groups=rows.expand([group]))
 
 
 STAGE = Stage(
@@ -121,11 +132,17 @@ STAGE = Stage(
     run=run,
 )
 
-MISMATCHED_STAGE = Stage(
-    name="mismatched",
-    reads=("task", "model"),
-    ignores=("task.rewards", "task.eval_rewards"),  # it never scores
-    runtime=("advantage.batch_size",),  # rows per no-grad forward
-    inputs=lambda algorithm: ("sft",),
-    run=run_mismatched,
-)
+
+def group_stage(group: str) -> Stage:
+    return Stage(
+        name=group,
+        reads=("task", "model"),
+        ignores=("task.rewards", "task.eval_rewards"),  # it never scores
+        runtime=("advantage.batch_size",),  # rows per no-grad forward
+        inputs=lambda algorithm: ("sft",),
+        run=lambda stage: run_group(stage, group),
+    )
+
+
+GROUPS = (REJECTED, RANKING, MISMATCHED)  # the groups with a stage of their own
+GROUP_STAGES = tuple(group_stage(group) for group in GROUPS)

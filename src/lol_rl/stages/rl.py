@@ -35,15 +35,18 @@ def policy_from_reference(stage: StageRun):
     return model, tokenizer
 
 
-def cached_tensors(stage: StageRun, rows, groups: list[str]) -> tuple[dict, dict]:
-    """(per-row tensors, ragged reference log-probs per group) from the stages this algorithm reads."""
+def cached_tensors(stage: StageRun, rows, algo) -> tuple[dict, dict]:
+    """(per-row tensors, ragged reference log-probs of each group the loss forwards) from the
+    stages this algorithm reads."""
     row_tensors, ragged = {}, {}
     if "reference" in stage.inputs:
         cache = reference.load(stage.inputs["reference"], rows)
-        if "mismatched" in stage.inputs:
-            cache.update(reference.load_mismatched(stage.inputs["mismatched"], rows))
         row_tensors = {name: cache[name].float() for name in ("rewards", "ranking_rewards") if name in cache}
-        ragged = {g: (cache[f"ref_logprobs/{g}"], cache[f"ref_offsets/{g}"]) for g in groups}
+        if algo.reads_reference:
+            for group in reference.GROUPS:
+                if group in stage.inputs:
+                    cache.update(reference.load_group(stage.inputs[group], rows, group))
+            ragged = {g: (cache[f"ref_logprobs/{g}"], cache[f"ref_offsets/{g}"]) for g in rows.expand(algo.groups)}
     if "advantage" in stage.inputs:
         cache = torch.load(stage.inputs["advantage"] / artifacts.ADVANTAGE_TENSORS, weights_only=True)
         row_tensors["advantages"] = cache["advantages"].float()
@@ -57,7 +60,7 @@ def run_offline(stage: StageRun) -> None:
     model, tokenizer = policy_from_reference(stage)
     rows = encode_rows(tokenizer, task, task.splits["train"], cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     groups = rows.expand(algo.groups)
-    row_tensors, ragged = cached_tensors(stage, rows, groups)
+    row_tensors, ragged = cached_tensors(stage, rows, algo)
     keep = torch.arange(len(rows))
     if algo.keep == "positive_advantage":
         keep = torch.nonzero(row_tensors["advantages"] > 0).squeeze(-1)

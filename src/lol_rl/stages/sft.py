@@ -23,7 +23,8 @@ def run(stage: StageRun) -> None:
     texts = [task.format_prompt(e.prompt) + task.response_prefix + e.response for e in train]
     model, tokenizer = initial_policy(cfg.model, texts, stage.device)
     rows = encode_rows(tokenizer, task, train, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
-    source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed)
+    source = BatchSource(rows, {}, {}, torch.arange(len(rows)), None, cfg.sft.batch_size, cfg.sft.seed,
+                         length_buckets=cfg.sft.length_buckets)
     summary = optimize(model, source, nll, {}, cfg.sft, device=stage.device, stage="sft", metrics=stage.metrics,
                        row_ids=[e.id for e in train], optimizer_name=cfg.model.optimizer,
                        checkpoint=stage.out / artifacts.CHECKPOINT)
