@@ -102,6 +102,48 @@ def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path
     shutil.rmtree(tmp_path)  # two caches of models
 
 
+SHARDED = ["value", "reference", "advantage", "eval"]  # eval: pi_ref's and the policy's
+# the passes each sharded stage runs, by batch; small batches so that every pass has several
+PASSES = ["value samples", "value scores", "train rewards", "reference log-probs of response",
+          "reference log-probs of rejected", "ranking rewards", "advantage V(x)", "eval", "eval scores"]
+# an even number of generation batches (4 of 40 prompts): the last one, whose RNG state the value
+# head's init draws from, is the second process's
+SMALL_BATCHES = ["generation.batch_size=10", "advantage.batch_size=32"]
+
+
+def manifests(cache: Path, stage: str) -> dict[str, dict]:
+    return {a.name: json.loads((a / "manifest.json").read_text()) for a in (cache / stage).iterdir()
+            if not a.name.startswith(".")}
+
+
+def test_two_processes_shard_the_one_pass_stages_and_write_the_artifacts_of_one(tmp_path):
+    """value, reference, advantage and eval over 2 gloo processes: each process runs every other
+    batch of each pass, and every file of those artifacts has the SHA-256 of the 1-process run's.
+    The 2-process run reuses the 1-process run's sft and rl artifacts (DDP training matches one
+    process only to float rounding), so the sharded stages read the same inputs."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    overrides = [*RUN[-2:], *SMALL_BATCHES]
+    one_cache, _ = train(tmp_path, "one", [sys.executable], overrides)
+    for stage in ("sft", "rl"):
+        shutil.copytree(one_cache / stage, tmp_path / "two" / "cache" / stage)
+    two_cache, two_run = train(tmp_path, "two", accelerate, overrides)
+    built = {label for label, timing in json.loads((two_run / "stages.json").read_text()).items() if not timing["cached"]}
+    assert built == {"value", "reference", "advantage", "eval_ref", "eval"}
+    for stage in SHARDED:
+        assert manifests(two_cache, stage) == manifests(one_cache, stage), stage
+    single = {r["desc"]: r for r in records(one_cache.parent / "shards" / "map-rank0.jsonl") if r["desc"] in PASSES}
+    assert set(single) == set(PASSES)
+    for r in (0, 1):
+        passes = [p for p in records(two_cache.parent / "shards" / f"map-rank{r}.jsonl") if p["desc"] in PASSES]
+        assert sorted({p["desc"] for p in passes}) == sorted(PASSES)
+        for p in passes:  # process r ran batches r, r+2, ... of the batches the single process ran
+            whole = single[p["desc"]]
+            assert whole["batches"] == list(range(whole["of"])) and whole["of"] >= 3, p["desc"]
+            assert (p["world"], p["of"], p["batches"]) == (2, whole["of"], list(range(r, whole["of"], 2))), p["desc"]
+    shutil.rmtree(tmp_path)
+
+
 def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_stage():
     from omegaconf import OmegaConf
 
