@@ -104,8 +104,8 @@ class StageCache:
 
         Under several processes (distributed.py) the main process owns the cache: it alone
         builds a stage while the others wait, except a `parallel` stage (a data-parallel training
-        loop), whose `build` every process runs in the main process's work dir (writing is the
-        main process's part of it)."""
+        loop, a one-pass stage sharded by batch), whose `build` every process runs in the main
+        process's work dir (writing is the main process's part of it)."""
         if distributed.world_size() == 1:
             return self._stage(stage, parts, build, label, resumable)
         if distributed.broadcast(self.path(stage, parts).is_dir() if distributed.is_main() else None):

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-# the other processes wait in a collective while the main one builds a whole stage (the
-# advantage stage of a 7B model runs for hours): torch's 30-minute default would kill them
+# the other processes wait in a collective while the main one builds a whole stage (PPO's rl
+# stage), or fits the value head, or validates: torch's 30-minute default would kill them
 PROCESS_GROUP_TIMEOUT = timedelta(hours=48)
 
 

@@ -106,8 +106,10 @@ def fit_value_head(
 
 
 @torch.no_grad()
-def padded_prompt_states(model, prompt_ids: list[list[int]], pad_id: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen prompt states of one batch of prompts, on the CPU, left-padded to `width`: (B, P, H), (B, P)."""
+def padded_prompt_states(model, prompt_ids: list[list[int]], pad_id: int, width: int,
+                         device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen prompt states of one batch of prompts, on the CPU, left-padded to `width`:
+    (B, P, H), (B, P)."""
     states, mask = prompt_states(model, prompt_ids, pad_id, device)
     pad = width - states.shape[1]
     return nn.functional.pad(states.float().cpu(), (0, 0, pad, 0)), nn.functional.pad(mask.cpu(), (pad, 0), value=False)
