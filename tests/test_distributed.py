@@ -144,6 +144,34 @@ def test_two_processes_shard_the_one_pass_stages_and_write_the_artifacts_of_one(
     shutil.rmtree(tmp_path)
 
 
+FAILING_SCORER = """
+import os
+
+def score(prompts, responses):
+    if os.environ.get("RANK") == "1":  # the second process's share of a sharded pass
+        raise ValueError("cannot score this batch")
+    return [0.5] * len(prompts)
+"""
+
+
+def test_a_process_failing_its_share_of_a_pass_stops_every_process_with_one_line(tmp_path):
+    """A scorer that fails in the second process's share of eval's scoring: the main process is
+    told (it would otherwise wait in the gather until the 48-hour timeout) and both exit."""
+    (tmp_path / "failing_scorer.py").write_text(FAILING_SCORER)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([*accelerate, "-m", "lol_rl.cli", "train", *RUN[:-2], "algo=nll", "generation.batch_size=10",
+                           "reward=failing_scorer:score", f"cache_dir={tmp_path / 'cache'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode != 0
+    assert ("lol-rl: eval scores: process 1 of 2 failed: RewardError: reward component 'failing_scorer:score' "
+            "raised ValueError(cannot score this batch)") in proc.stdout, proc.stdout[-3000:]
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
 def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_stage():
     from omegaconf import OmegaConf
 

@@ -123,9 +123,15 @@ class StageCache:
             distributed.barrier()  # every process's part done before the manifest and rename
 
         try:
-            return self._stage(stage, parts, build_together if parallel else build, label, resumable)
-        finally:
-            distributed.barrier()
+            path = self._stage(stage, parts, build_together if parallel else build, label, resumable)
+        except BaseException:
+            # the others wait for a build of the main process alone; a parallel build that fails in a
+            # sharded pass fails on every process (distributed.map_batches), with nobody to wait for
+            if not parallel:
+                distributed.barrier()
+            raise
+        distributed.barrier()
+        return path
 
     def _stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None,
                resumable: bool) -> Path:

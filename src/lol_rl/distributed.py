@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import LolRlError
+
 # the other processes wait in a collective while the main one builds a whole stage (PPO's rl
 # stage), or fits the value head, or validates: torch's 30-minute default would kill them
 PROCESS_GROUP_TIMEOUT = timedelta(hours=48)
@@ -143,17 +145,30 @@ def map_batches(fn: Callable[[Any], Any], batches: Sequence, desc: str, sharded:
     world = world_size() if sharded else 1
     mine = range(rank(), len(batches), world) if world > 1 else range(len(batches))
     record_map(desc, list(mine), len(batches), world)
-    results = [fn(batches[i]) for i in tqdm(mine, desc=desc, disable=progress_disabled(), leave=False)]
     if world == 1:
-        return results
+        return [fn(batches[i]) for i in tqdm(mine, desc=desc, disable=progress_disabled(), leave=False)]
+    error, failure = None, ""
+    try:
+        results = [fn(batches[i]) for i in tqdm(mine, desc=desc, disable=progress_disabled(), leave=False)]
+    except Exception as err:  # the others must hear of it, not wait for this share until the timeout
+        error, failure, results = err, f"{type(err).__name__}: {err}", []
     gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, results)
+    torch.distributed.all_gather_object(gathered, (failure, results))
+    failed = [(r, text) for r, (text, _) in enumerate(gathered) if text]
+    if error is not None:
+        raise error
+    if failed:
+        raise ShardError(f"{desc}: process {failed[0][0]} of {world} failed: {failed[0][1]}")
     if seeds_each_batch and batches:
         state = [_rng_state()]
         torch.distributed.broadcast_object_list(state, src=(len(batches) - 1) % world)
         _set_rng_state(state[0])
     # process r's j-th result is batch r + j * world
-    return [gathered[i % world][i // world] for i in range(len(batches))]
+    return [gathered[i % world][1][i // world] for i in range(len(batches))]
+
+
+class ShardError(LolRlError, RuntimeError):
+    """Another process failed in its share of a sharded pass; names the pass and the process."""
 
 
 def _rng_state() -> dict:
