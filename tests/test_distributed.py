@@ -102,6 +102,76 @@ def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path
     shutil.rmtree(tmp_path)  # two caches of models
 
 
+SHARDED = ["value", "reference", "advantage", "eval"]  # eval: pi_ref's and the policy's
+# the passes each sharded stage runs, by batch; small batches so that every pass has several
+PASSES = ["value samples", "value scores", "train rewards", "reference log-probs of response",
+          "ranking rewards", "advantage V(x)", "eval", "eval scores"]  # A-LOL: no rejected group stage
+# an even number of generation batches (4 of 40 prompts): the last one, whose RNG state the value
+# head's init draws from, is the second process's
+SMALL_BATCHES = ["generation.batch_size=10", "advantage.batch_size=32"]
+
+
+def manifests(cache: Path, stage: str) -> dict[str, dict]:
+    return {a.name: json.loads((a / "manifest.json").read_text()) for a in (cache / stage).iterdir()
+            if not a.name.startswith(".")}
+
+
+def test_two_processes_shard_the_one_pass_stages_and_write_the_artifacts_of_one(tmp_path):
+    """value, reference, advantage and eval over 2 gloo processes: each process runs every other
+    batch of each pass, and every file of those artifacts has the SHA-256 of the 1-process run's.
+    The 2-process run reuses the 1-process run's sft and rl artifacts (DDP training matches one
+    process only to float rounding), so the sharded stages read the same inputs."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    overrides = [*RUN[-2:], *SMALL_BATCHES]
+    one_cache, _ = train(tmp_path, "one", [sys.executable], overrides)
+    for stage in ("sft", "rl"):
+        shutil.copytree(one_cache / stage, tmp_path / "two" / "cache" / stage)
+    two_cache, two_run = train(tmp_path, "two", accelerate, overrides)
+    built = {label for label, timing in json.loads((two_run / "stages.json").read_text()).items() if not timing["cached"]}
+    assert built == {"value", "reference", "advantage", "eval_ref", "eval"}
+    for stage in SHARDED:
+        assert manifests(two_cache, stage) == manifests(one_cache, stage), stage
+    single = {r["desc"]: r for r in records(one_cache.parent / "shards" / "map-rank0.jsonl") if r["desc"] in PASSES}
+    assert set(single) == set(PASSES)
+    for r in (0, 1):
+        passes = [p for p in records(two_cache.parent / "shards" / f"map-rank{r}.jsonl") if p["desc"] in PASSES]
+        assert sorted({p["desc"] for p in passes}) == sorted(PASSES)
+        for p in passes:  # process r ran batches r, r+2, ... of the batches the single process ran
+            whole = single[p["desc"]]
+            assert whole["batches"] == list(range(whole["of"])) and whole["of"] >= 3, p["desc"]
+            assert (p["world"], p["of"], p["batches"]) == (2, whole["of"], list(range(r, whole["of"], 2))), p["desc"]
+    shutil.rmtree(tmp_path)
+
+
+FAILING_SCORER = """
+import os
+
+def score(prompts, responses):
+    if os.environ.get("RANK") == "1":  # the second process's share of a sharded pass
+        raise ValueError("cannot score this batch")
+    return [0.5] * len(prompts)
+"""
+
+
+def test_a_process_failing_its_share_of_a_pass_stops_every_process_with_one_line(tmp_path):
+    """A scorer that fails in the second process's share of eval's scoring: the main process is
+    told (it would otherwise wait in the gather until the 48-hour timeout) and both exit."""
+    (tmp_path / "failing_scorer.py").write_text(FAILING_SCORER)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([*accelerate, "-m", "lol_rl.cli", "train", *RUN[:-2], "algo=nll", "generation.batch_size=10",
+                           "reward=failing_scorer:score", f"cache_dir={tmp_path / 'cache'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode != 0
+    assert ("lol-rl: eval scores: process 1 of 2 failed: RewardError: reward component 'failing_scorer:score' "
+            "raised ValueError(cannot score this batch)") in proc.stdout, proc.stdout[-3000:]
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+
 def test_a_batch_size_that_does_not_split_over_the_processes_stops_before_any_stage():
     from omegaconf import OmegaConf
 

@@ -104,8 +104,8 @@ class StageCache:
 
         Under several processes (distributed.py) the main process owns the cache: it alone
         builds a stage while the others wait, except a `parallel` stage (a data-parallel training
-        loop), whose `build` every process runs in the main process's work dir (writing is the
-        main process's part of it)."""
+        loop, a one-pass stage sharded by batch), whose `build` every process runs in the main
+        process's work dir (writing is the main process's part of it)."""
         if distributed.world_size() == 1:
             return self._stage(stage, parts, build, label, resumable)
         if distributed.broadcast(self.path(stage, parts).is_dir() if distributed.is_main() else None):
@@ -123,9 +123,15 @@ class StageCache:
             distributed.barrier()  # every process's part done before the manifest and rename
 
         try:
-            return self._stage(stage, parts, build_together if parallel else build, label, resumable)
-        finally:
-            distributed.barrier()
+            path = self._stage(stage, parts, build_together if parallel else build, label, resumable)
+        except BaseException:
+            # the others wait for a build of the main process alone; a parallel build that fails in a
+            # sharded pass fails on every process (distributed.map_batches), with nobody to wait for
+            if not parallel:
+                distributed.barrier()
+            raise
+        distributed.barrier()
+        return path
 
     def _stage(self, stage: str, parts: dict, build: Callable[[Path], None], label: str | None,
                resumable: bool) -> Path:

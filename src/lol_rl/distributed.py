@@ -6,25 +6,34 @@ gloo on CPU); with one process every function here is the identity.
 
 The training stages (sft, offline rl) are data-parallel: every process draws the same global
 batch and trains on its own disjoint share of it under torch DDP, so the averaged gradient is
-the full batch's. The main process alone validates, writes artifacts, checkpoints and metrics;
-the other stages (value, advantage, eval, and online PPO's rl) are built by it while the
-others wait (see cache.py).
+the full batch's. The main process alone validates, writes artifacts, checkpoints and metrics.
+The one-pass stages (value sampling and scoring, the reference log-probs and rewards, V(x) of
+the advantage stage, eval's generation and scoring) are sharded by batch (`map_batches`):
+process r runs batches r, r+N, ... and every process gets all results back in batch order,
+so the artifact the main process writes is the one a single process writes. Online PPO's rl
+stage is built by the main process while the others wait (see cache.py).
 
 With `LOL_RL_SHARD_RECORD=<dir>` (tests only) every process appends, per training step, the
-rows it trained on to `<dir>/<stage>-rank<r>.jsonl`.
+rows it trained on to `<dir>/<stage>-rank<r>.jsonl`, and per sharded pass the batches it ran to
+`<dir>/map-rank<r>.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-# the other processes wait in a collective while the main one builds a whole stage (the
-# advantage stage of a 7B model runs for hours): torch's 30-minute default would kill them
+from .errors import LolRlError
+
+# the other processes wait in a collective while the main one builds a whole stage (PPO's rl
+# stage), or fits the value head, or validates: torch's 30-minute default would kill them
 PROCESS_GROUP_TIMEOUT = timedelta(hours=48)
 
 
@@ -117,4 +126,69 @@ def record_shard(stage: str, step: int, rows: torch.Tensor) -> None:
         return
     record = {"step": step, "rank": rank(), "world": world_size(), "rows": rows.tolist()}
     with (Path(folder) / f"{stage}-rank{rank()}.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def map_batches(fn: Callable[[Any], Any], batches: Sequence, desc: str, sharded: bool = False,
+                seeds_each_batch: bool = False) -> list:
+    """`[fn(batch) for batch in batches]`. `sharded` (every process calls this, with the same
+    batches): process r computes batches r, r+N, ... and the results are all-gathered, in
+    batch order, on every process; each batch is computed as a single process computes it, so
+    the list is the single process's. With one process, or not `sharded` (a pass the main
+    process runs alone, as validation), it is that plain loop.
+
+    `seeds_each_batch`: `fn` seeds the global RNG itself before drawing from it (generation),
+    so a single process ends with the RNG state its last batch left; under N processes that
+    state is sent from the process that ran the last batch to all the others."""
+    from .progress import progress_disabled  # it imports this module
+
+    world = world_size() if sharded else 1
+    mine = range(rank(), len(batches), world) if world > 1 else range(len(batches))
+    record_map(desc, list(mine), len(batches), world)
+    if world == 1:
+        return [fn(batches[i]) for i in tqdm(mine, desc=desc, disable=progress_disabled(), leave=False)]
+    error, failure = None, ""
+    try:
+        results = [fn(batches[i]) for i in tqdm(mine, desc=desc, disable=progress_disabled(), leave=False)]
+    except Exception as err:  # the others must hear of it, not wait for this share until the timeout
+        error, failure, results = err, f"{type(err).__name__}: {err}", []
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, (failure, results))
+    failed = [(r, text) for r, (text, _) in enumerate(gathered) if text]
+    if error is not None:
+        raise error
+    if failed:
+        raise ShardError(f"{desc}: process {failed[0][0]} of {world} failed: {failed[0][1]}")
+    if seeds_each_batch and batches:
+        state = [_rng_state()]
+        torch.distributed.broadcast_object_list(state, src=(len(batches) - 1) % world)
+        _set_rng_state(state[0])
+    # process r's j-th result is batch r + j * world
+    return [gathered[i % world][1][i // world] for i in range(len(batches))]
+
+
+class ShardError(LolRlError, RuntimeError):
+    """Another process failed in its share of a sharded pass; names the pass and the process."""
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device's
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def record_map(desc: str, batches: list[int], total: int, world: int) -> None:
+    """With LOL_RL_SHARD_RECORD set: the batches of a `map_batches` pass this process ran."""
+    folder = os.environ.get("LOL_RL_SHARD_RECORD")
+    if not folder:
+        return
+    record = {"desc": desc, "rank": rank(), "world": world, "batches": batches, "of": total}
+    with (Path(folder) / f"map-rank{rank()}.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

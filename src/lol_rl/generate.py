@@ -8,11 +8,10 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from . import distributed
 from .data import prompt_ids
 from .logprobs import pad_batch
-from .progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +32,29 @@ def generate(
     num_beams: int = 1,
     repetition_penalty: float = 1.0,
     desc: str = "generate",
+    sharded: bool = False,
 ) -> list[list[str]]:
     """`num_samples` responses per formatted prompt, each prompt cut to its last
     `max_prompt_tokens` tokens: sampled, or greedy / beam search (`num_beams`,
-    `repetition_penalty`: the paper's small tasks decode with beam 2, penalty 2.5)."""
+    `repetition_penalty`: the paper's small tasks decode with beam 2, penalty 2.5).
+    `sharded`: every process calls this and generates its share of the batches
+    (distributed.map_batches); the responses are those of one process."""
     model.eval()
     device = next(model.parameters()).device
     max_new_tokens = new_token_budget(model, max_prompt_tokens, max_new_tokens)
-    generator_seed = torch.Generator().manual_seed(seed)
     # sort by length so each batch pads little; results are put back in prompt order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[list[str]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=progress_disabled(), leave=False):
-        chunk = order[start : start + batch_size]
-        ids = prompt_ids(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    # one seed per batch, drawn in batch order: a batch samples alike whichever process runs it
+    generator_seed = torch.Generator().manual_seed(seed)
+    seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)) for _ in chunks]
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else
+                {"do_sample": False, "num_beams": num_beams, "repetition_penalty": repetition_penalty})
+
+    def generate_batch(batch: int) -> list[str]:
+        ids = prompt_ids(tokenizer, [prompts[i] for i in chunks[batch]], max_prompt_tokens)
         enc = pad_batch(ids, [[] for _ in ids], tokenizer.pad_token_id, side="left")
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0} if do_sample else
-                    {"do_sample": False, "num_beams": num_beams, "repetition_penalty": repetition_penalty})
+        torch.manual_seed(seeds[batch])
         out = model.generate(
             input_ids=enc["input_ids"].to(device),
             attention_mask=enc["attention_mask"].to(device),
@@ -60,7 +64,11 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
             **sampling,
         )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    outputs: list[list[str]] = [[] for _ in prompts]
+    batches = distributed.map_batches(generate_batch, range(len(chunks)), desc, sharded=sharded, seeds_each_batch=True)
+    for chunk, texts in zip(chunks, batches):
         for j, i in enumerate(chunk):
             outputs[i] = [t.strip() for t in texts[j * num_samples : (j + 1) * num_samples]]
     return outputs

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from . import distributed
 from .data import count_cut_prompts, cut_counts
 from .generate import generate_with_config
 from .rewards import CompositeReward
@@ -23,9 +24,27 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
-def score_generations(reward: CompositeReward | None, examples: Sequence[Example], responses: Sequence[str]):
-    """(summary, per-row totals, per-row components) of responses to `examples`' prompts;
-    without a scorer (a task with only the data's rewards) the reward entries are None."""
+def score_in_batches(reward: CompositeReward, prompts: Sequence[str], responses: Sequence[str], ids: Sequence[str],
+                     batch_size: int, desc: str = "score", sharded: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """`reward.score` of the rows, `batch_size` at a time (`sharded`: each process scores its
+    share of the batches, distributed.map_batches), concatenated in row order."""
+    if not prompts:
+        return reward.score(prompts, responses, ids=ids)
+
+    def score_batch(start: int):
+        end = start + batch_size
+        return reward.score(prompts[start:end], responses[start:end], ids=ids[start:end])
+
+    parts = distributed.map_batches(score_batch, range(0, len(prompts), batch_size), desc, sharded=sharded)
+    return (np.concatenate([total for total, _ in parts]),
+            {name: np.concatenate([components[name] for _, components in parts]) for name in parts[0][1]})
+
+
+def score_generations(reward: CompositeReward | None, examples: Sequence[Example], responses: Sequence[str],
+                      batch_size: int | None = None, sharded: bool = False, desc: str = "score"):
+    """(summary, per-row totals, per-row components) of responses to `examples`' prompts, scored
+    `batch_size` rows at a time (all at once by default); without a scorer (a task with only the
+    data's rewards) the reward entries are None."""
     summary = {
         "reward": None,
         "rewards": {},
@@ -35,7 +54,8 @@ def score_generations(reward: CompositeReward | None, examples: Sequence[Example
     }
     if reward is None:
         return summary, None, {}
-    total, per_component = reward.score([e.prompt for e in examples], responses, ids=[e.id for e in examples])
+    total, per_component = score_in_batches(reward, [e.prompt for e in examples], list(responses), [e.id for e in examples],
+                                             batch_size or max(1, len(examples)), desc, sharded)
     summary["reward"] = float(total.mean())
     summary["rewards"] = {name: float(values.mean()) for name, values in per_component.items()}
     segments = sorted({e.meta["segment"] for e in examples if "segment" in e.meta})

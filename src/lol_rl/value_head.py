@@ -105,17 +105,22 @@ def fit_value_head(
     }
 
 
+@torch.no_grad()
+def padded_prompt_states(model, prompt_ids: list[list[int]], pad_id: int, width: int,
+                         device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen prompt states of one batch of prompts, on the CPU, left-padded to `width`:
+    (B, P, H), (B, P)."""
+    states, mask = prompt_states(model, prompt_ids, pad_id, device)
+    pad = width - states.shape[1]
+    return nn.functional.pad(states.float().cpu(), (0, 0, pad, 0)), nn.functional.pad(mask.cpu(), (pad, 0), value=False)
+
+
 def batched_prompt_states(model, prompt_ids: list[list[int]], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen prompt states of every prompt, left-padded to one width: (N, P, H), (N, P)."""
     width = max(len(p) for p in prompt_ids)
-    states, masks = [], []
-    with torch.no_grad():
-        for start in range(0, len(prompt_ids), batch_size):
-            s, m = prompt_states(model, prompt_ids[start : start + batch_size], pad_id, device)
-            pad = width - s.shape[1]
-            states.append(nn.functional.pad(s.float().cpu(), (0, 0, pad, 0)))
-            masks.append(nn.functional.pad(m.cpu(), (pad, 0), value=False))
-    return torch.cat(states), torch.cat(masks)
+    batches = [padded_prompt_states(model, prompt_ids[start : start + batch_size], pad_id, width, device)
+               for start in range(0, len(prompt_ids), batch_size)]
+    return torch.cat([states for states, _ in batches]), torch.cat([mask for _, mask in batches])
 
 
 def predict_values(head: ValueHead, states: torch.Tensor, mask: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

@@ -49,7 +49,8 @@ class Stage:
     runtime: tuple[str, ...] = ()
     resolve: Callable[[DictConfig, Task, dict[str, Path]], DictConfig] | None = None
     resumable: bool = False  # builds in a dir that outlives a kill, to continue from a checkpoint
-    # every process of a multi-process run takes part (data-parallel training), by algorithm
+    # every process of a multi-process run takes part (data-parallel training, or a one-pass
+    # stage sharded by batch: distributed.map_batches), by algorithm
     parallel: Callable[[Any], bool] = lambda algorithm: False
     store: str | None = None
 

@@ -11,11 +11,11 @@ import numpy as np
 import scipy.stats
 import torch
 
-from .. import artifacts
+from .. import artifacts, distributed
 from ..data import encode_prompts
 from ..faults import kill_point
 from ..models import load_policy
-from ..value_head import batched_prompt_states, load_value_head, predict_values
+from ..value_head import load_value_head, padded_prompt_states, predict_values
 from . import Stage, StageRun
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ def audit(examples, rewards: np.ndarray, values: np.ndarray, adv: np.ndarray) ->
     return report
 
 
+def prompt_values(model, head, prompt_ids: list[list[int]], pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """V(x) of every prompt (N,), `batch_size` prompts per forward, each batch's states padded to
+    the longest prompt's width, as the value stage's; each process runs its share of the batches
+    and none holds every prompt's states."""
+    width = max(len(p) for p in prompt_ids)
+
+    def batch_values(start: int) -> torch.Tensor:
+        states, mask = padded_prompt_states(model, prompt_ids[start : start + batch_size], pad_id, width, device)
+        return predict_values(head, states, mask)
+
+    return torch.cat(distributed.map_batches(batch_values, range(0, len(prompt_ids), batch_size), "advantage V(x)",
+                                             sharded=True))
+
+
 def run(stage: StageRun) -> None:
     cfg, task, out = stage.cfg, stage.task, stage.out
     model, tokenizer = load_policy(stage.inputs["sft"], stage.device, cfg.model)
@@ -73,9 +87,10 @@ def run(stage: StageRun) -> None:
     rewards = reference["rewards"].numpy()
     per_component = {name.split("/", 1)[1]: t.numpy() for name, t in reference.items() if name.startswith("rewards/")}
     prompt_ids = encode_prompts(tokenizer, task, [e.prompt for e in examples], cfg.model.max_prompt_tokens)
-    states, mask = batched_prompt_states(model, prompt_ids, tokenizer.pad_token_id, cfg.advantage.batch_size,
-                                         stage.device)
-    values = predict_values(load_value_head(stage.inputs["value"]), states, mask).double().numpy()
+    values = prompt_values(model, load_value_head(stage.inputs["value"]), prompt_ids, tokenizer.pad_token_id,
+                           cfg.advantage.batch_size, stage.device).double().numpy()
+    if not distributed.is_main():  # every process computed its share of V(x); the main process writes
+        return
     adv = rewards - values
     kill_point("advantage:scored")
     torch.save({"values": torch.from_numpy(values), "advantages": torch.from_numpy(adv)},
@@ -100,4 +115,5 @@ STAGE = Stage(
     runtime=("advantage.batch_size",),  # rows per no-grad forward of the prompt states
     inputs=lambda algorithm: ("sft", "value", "reference"),
     run=run,
+    parallel=lambda algorithm: True,  # V(x) is computed in batches sharded over the processes
 )

@@ -1,12 +1,13 @@
 """Stage 5: test metrics of one policy (pi_ref, or the rl stage's best checkpoint): greedy
-generation on the test prompts, scored by the task's test reward; every generation is kept."""
+generation on the test prompts, scored by the task's test reward; every generation is kept.
+Under several processes each generates and scores its share of the batches."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .. import artifacts
+from .. import artifacts, distributed
 from ..faults import kill_point
 from ..data import count_cut_prompts, cut_counts
 from ..generate import generate_with_config
@@ -20,8 +21,12 @@ def evaluate(stage: StageRun, policy_dir: Path) -> None:
     model, tokenizer = load_policy(policy_dir, stage.device, cfg.model)
     examples = task.splits["test"][: cfg.eval.test_prompts] if cfg.eval.test_prompts else task.splits["test"]
     formatted = [task.format_prompt(e.prompt) for e in examples]
-    responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval")]
-    scores, total, per_component = score_generations(task.test_reward, examples, responses)
+    # every process generates and scores its share of the batches; the main process writes
+    responses = [r[0] for r in generate_with_config(model, tokenizer, formatted, cfg, desc="eval", sharded=True)]
+    scores, total, per_component = score_generations(task.test_reward, examples, responses, cfg.generation.batch_size,
+                                                     sharded=True, desc="eval scores")
+    if not distributed.is_main():
+        return
     scores.update(cut_counts("eval", len(examples),
                              count_cut_prompts(tokenizer, formatted, cfg.model.max_prompt_tokens)))
     kill_point("eval:generated")
@@ -37,6 +42,6 @@ def evaluate(stage: StageRun, policy_dir: Path) -> None:
 READS = ("task", "model", "reward", "eval", "generation")
 
 REFERENCE = Stage(name="eval_ref", store="eval", reads=READS, inputs=lambda algorithm: ("sft",),
-                  run=lambda stage: evaluate(stage, stage.inputs["sft"]))
+                  run=lambda stage: evaluate(stage, stage.inputs["sft"]), parallel=lambda algorithm: True)
 POLICY = Stage(name="eval", store="eval", reads=READS, inputs=lambda algorithm: ("rl",),
-               run=lambda stage: evaluate(stage, stage.inputs["rl"] / artifacts.POLICY))
+               run=lambda stage: evaluate(stage, stage.inputs["rl"] / artifacts.POLICY), parallel=lambda algorithm: True)

@@ -8,7 +8,10 @@ The other response groups' reference log-probs are stages of their own, named by
 (`rejected`, `ranking`, and `mismatched`: row i's prompt with row i-1's response, data.MISMATCHED),
 built only for a loss that reads them (DPO, PRO, KTO's reference point): A-LOL never pays for the
 rejected or ranked responses, and a sweep over DPO and PRO still computes each group once. They
-never score, so a new reward reuses them."""
+never score, so a new reward reuses them.
+
+Under several processes every process computes its share of the batches (rewards, log-probs)
+and the main process writes the artifact."""
 
 from __future__ import annotations
 
@@ -16,47 +19,57 @@ import json
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .. import artifacts
+from .. import artifacts, distributed
 from ..data import MISMATCHED, RANKING, REJECTED, RESPONSE, cut_counts, encode_rows
 from ..logprobs import response_logprobs, to_device
 from ..models import load_policy
-from ..progress import progress_disabled
+from ..scoring import score_in_batches
 from ..tasks import Task, data_reward
 from . import Stage, StageRun
 
 
-def train_rewards(task: Task, examples) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Rewards given in the data are used as they are; otherwise the task's components score."""
+def train_rewards(task: Task, examples, batch_size: int | None = None,
+                  sharded: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rewards given in the data are used as they are; otherwise the task's components score,
+    `batch_size` rows at a time (all at once by default; `sharded`: each process its share of
+    the batches)."""
     if all(data_reward(e) is not None for e in examples):
         return np.asarray([data_reward(e) for e in examples], dtype=np.float64), {}
-    return task.reward.score([e.prompt for e in examples], [e.response for e in examples], ids=[e.id for e in examples])
+    return score_in_batches(task.reward, [e.prompt for e in examples], [e.response for e in examples],
+                            [e.id for e in examples], batch_size or max(1, len(examples)), "train rewards", sharded)
 
 
-def ranking_rewards(task: Task, examples) -> np.ndarray:
-    """R(x, y) of every ranked response (N, K), scored by the task's reward."""
+def ranking_rewards(task: Task, examples, batch_size: int, sharded: bool = False) -> np.ndarray:
+    """R(x, y) of every ranked response (N, K), scored by the task's reward, the rankings of
+    `batch_size` rows at a time."""
     n_ranked = len(examples[0].ranking)
     prompts = [e.prompt for e in examples for _ in range(n_ranked)]
-    total, _ = task.reward.score(prompts, [r for e in examples for r in e.ranking],
-                                 ids=[e.id for e in examples for _ in range(n_ranked)])
+    total, _ = score_in_batches(task.reward, prompts, [r for e in examples for r in e.ranking],
+                                [e.id for e in examples for _ in range(n_ranked)], batch_size * n_ranked,
+                                "ranking rewards", sharded)
     return total.reshape(len(examples), n_ranked)
 
 
-def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPONSE) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPONSE,
+                       sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi_ref(y_i | x, y_<i) of one response group of every row, ragged:
-    flat (sum of lengths,) + offsets (N+1,)."""
+    flat (sum of lengths,) + offsets (N+1,). `sharded`: each process runs its share of the batches."""
     responses = rows.group(group)
     # length-sorted batches pad little; pieces go back to row order
     order = sorted(range(len(rows)), key=lambda i: len(rows.prompt_ids[i]) + len(responses[i]))
+    chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+
+    @torch.no_grad()
+    def batch_logprobs(chunk: list[int]) -> list[torch.Tensor]:
+        logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
+        return [lp[m].float().cpu() for lp, m in zip(logprobs, mask)]
+
     pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), desc=f"reference log-probs of {group}",
-                          disable=progress_disabled(), leave=False):
-            chunk = order[start : start + batch_size]
-            logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
-            for i, lp, m in zip(chunk, logprobs, mask):
-                pieces[i] = lp[m].float().cpu()
+    for chunk, batch in zip(chunks, distributed.map_batches(batch_logprobs, chunks, f"reference log-probs of {group}",
+                                                            sharded=sharded)):
+        for i, piece in zip(chunk, batch):
+            pieces[i] = piece
     lengths = torch.tensor([len(p) for p in pieces])
     return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
@@ -69,7 +82,7 @@ def group_logprobs(model, rows, batch_size: int, device, groups) -> dict[str, to
         same = next((g for g in groups[:i] if rows.group(g) == rows.group(group)), None)
         if same is None:
             tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = reference_logprobs(
-                model, rows, batch_size, device, group)
+                model, rows, batch_size, device, group, sharded=True)
         else:
             tensors[f"ref_logprobs/{group}"], tensors[f"ref_offsets/{group}"] = (
                 tensors[f"ref_logprobs/{same}"], tensors[f"ref_offsets/{same}"])
@@ -87,15 +100,19 @@ def reference_rows(stage: StageRun):
 
 
 def run(stage: StageRun) -> None:
-    task = stage.task
+    cfg, task = stage.cfg, stage.task
     model, rows = reference_rows(stage)
     examples = task.splits["train"]
-    rewards, per_component = train_rewards(task, examples)
+    # every process computes its share of the batches (rewards, log-probs); the main process writes
+    rewards, per_component = train_rewards(task, examples, cfg.advantage.batch_size, sharded=True)
     tensors = {"rewards": torch.from_numpy(rewards),
                **{f"rewards/{name}": torch.from_numpy(np.asarray(values)) for name, values in per_component.items()},
-               **group_logprobs(model, rows, stage.cfg.advantage.batch_size, stage.device, [RESPONSE])}
+               **group_logprobs(model, rows, cfg.advantage.batch_size, stage.device, [RESPONSE])}
     if task.reward is not None and all(e.ranking is not None for e in examples):
-        tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples))
+        tensors["ranking_rewards"] = torch.from_numpy(ranking_rewards(task, examples, cfg.advantage.batch_size,
+                                                                      sharded=True))
+    if not distributed.is_main():
+        return
     torch.save(tensors, stage.out / artifacts.REFERENCE_TENSORS)
     summary = cut_counts("reference", len(rows), rows.truncated_prompts, rows.truncated_responses)
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
@@ -104,6 +121,8 @@ def run(stage: StageRun) -> None:
 def run_group(stage: StageRun, group: str) -> None:
     model, rows = reference_rows(stage)
     tensors = group_logprobs(model, rows, stage.cfg.advantage.batch_size, stage.device, rows.expand([group]))
+    if not distributed.is_main():
+        return
     torch.save(tensors, stage.out / artifacts.group_tensors(group))
 
 
@@ -130,6 +149,7 @@ STAGE = Stage(
     runtime=("advantage.batch_size",),  # rows per no-grad forward
     inputs=lambda algorithm: ("sft",),
     run=run,
+    parallel=lambda algorithm: True,  # its batches are sharded over the processes
 )
 
 
@@ -141,6 +161,7 @@ def group_stage(group: str) -> Stage:
         runtime=("advantage.batch_size",),  # rows per no-grad forward
         inputs=lambda algorithm: ("sft",),
         run=lambda stage: run_group(stage, group),
+        parallel=lambda algorithm: True,  # its batches are sharded over the processes
     )
 
 

@@ -1,6 +1,7 @@
 """Stage 2: V_ref(x). Sample k responses of frozen pi_ref per validation prompt, score them,
 and fit the value head on them; the epoch is chosen on held-out prompts, next to the constant
-baseline (value_head.py holds the head and its fit)."""
+baseline (value_head.py holds the head and its fit). Under several processes each samples and
+scores its share of the generation batches; the main process fits the head."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import logging
 import numpy as np
 import torch
 
-from .. import artifacts
+from .. import artifacts, distributed
 from ..data import count_cut_prompts, cut_counts, encode_prompts
 from ..generate import generate_with_config
 from ..models import load_policy
+from ..scoring import score_in_batches
 from ..tasks import data_reward
 from ..value_head import ValueHead, batched_prompt_states, fit_value_head
 from . import Stage, StageRun
@@ -33,12 +35,15 @@ def value_targets(cfg, task, model, tokenizer):
         low, high = min(every), max(every)
         return [[e.response] for e in examples], rewards, {}, (low, high if high > low else low + 1.0)
     k = cfg.value.samples_per_prompt
+    # every process samples its share of the generation batches, and scores its share of the samples
+    # (batches of generation.batch_size prompts' k samples, in prompt order)
     samples = generate_with_config(model, tokenizer, [task.format_prompt(e.prompt) for e in examples], cfg,
                                    do_sample=True, temperature=cfg.value.temperature, num_samples=k,
-                                   seed=cfg.value.seed, desc="value samples")
-    rewards, per_component = task.reward.score([e.prompt for e in examples for _ in range(k)],
-                                               [s for row in samples for s in row],
-                                               ids=[e.id for e in examples for _ in range(k)])
+                                   seed=cfg.value.seed, desc="value samples", sharded=True)
+    rewards, per_component = score_in_batches(task.reward, [e.prompt for e in examples for _ in range(k)],
+                                              [s for row in samples for s in row],
+                                              [e.id for e in examples for _ in range(k)],
+                                              cfg.generation.batch_size * k, "value scores", sharded=True)
     return samples, rewards, per_component, (task.reward.min_total, task.reward.max_total)
 
 
@@ -49,6 +54,8 @@ def run(stage: StageRun) -> None:
     examples = task.splits["validation"]
     prompts = [e.prompt for e in examples]
     samples, rewards, per_component, (low, high) = value_targets(cfg, task, model, tokenizer)
+    if not distributed.is_main():  # the main process fits the head and writes the artifact
+        return
     k = len(samples[0])
     flat_ids = [e.id for e in examples for _ in range(k)]
     targets = torch.tensor(rewards, dtype=torch.float32)
@@ -92,4 +99,5 @@ STAGE = Stage(
     runtime=("advantage.batch_size",),  # rows per no-grad forward of the prompt states
     inputs=lambda algorithm: ("sft",),
     run=run,
+    parallel=lambda algorithm: True,  # the samples and their scores are sharded over the processes
 )
