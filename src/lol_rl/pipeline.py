@@ -144,6 +144,15 @@ def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
                               f"equal micro-batches{over}; use a multiple of {grad_accum * world}")
 
 
+def check_fully_sharded(cfg) -> None:
+    """An FSDP launch shards full fine-tuning; an adapter over a frozen (or 4-bit) base is
+    replicated under DDP instead, where its few trainable weights cost little."""
+    if distributed.fully_sharded() and (cfg.model.get("lora") or cfg.model.get("quantization")):
+        raise ConfigError(f"model {cfg.model.name}: the FSDP launch config shards full fine-tuning, and this model "
+                          f"trains a LoRA adapter (model.lora / model.quantization); launch it with --multi_gpu "
+                          f"(DDP), or set model.lora=null model.quantization=null to fine-tune every weight")
+
+
 def check_ppo_minibatches(cfg) -> None:
     """PPO cuts each update's rl.batch_size rollouts into algo.params.minibatches minibatches, and
     each minibatch into rl.grad_accum micro-batches: with accumulation they must divide evenly."""
@@ -180,6 +189,7 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "sft", train_rows)
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
+    check_fully_sharded(cfg)
     if algo.trainer == "ppo":  # on the main process alone
         check_ppo_minibatches(cfg)
     check_split_sizes(task, algo)
