@@ -74,14 +74,15 @@ def test_fsdp_trains_the_weights_ddp_trains_and_saves_them_whole(runs):
 
 
 def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoints_to_the_uninterrupted_result(runs, tmp_path):
-    killed = train(tmp_path, "killed-in-sft", FSDP, kill_at="sft:step:12")  # after the sft checkpoint of step 10
-    assert killed.returncode != 0, killed.stdout[-3000:]
-    killed = train(tmp_path, "killed-in-rl", FSDP, kill_at="rl:step:7")  # after the rl checkpoint of step 4
-    assert killed.returncode != 0, killed.stdout[-3000:]
-    [checkpoint] = (tmp_path / "cache" / "rl").glob(".partial-*/checkpoint.dcp")
-    shards = sorted(p.name for p in checkpoint.iterdir())
-    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop.pt"], shards  # one file per process
-    assert not list(checkpoint.parent.glob("checkpoint.pt"))
+    for stage, point in (("sft", "sft:step:12"), ("rl", "rl:step:7")):  # after the checkpoints of steps 10 and 4
+        killed = train(tmp_path, f"killed-in-{stage}", FSDP, kill_at=point)
+        assert killed.returncode != 0, killed.stdout[-3000:]
+        [checkpoint] = (tmp_path / "cache" / stage).glob(".partial-*/checkpoint.dcp")
+        shards = sorted(p.name for p in checkpoint.iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "loop.pt"], shards  # one file per process
+        sizes = [(checkpoint / name).stat().st_size for name in shards[1:3]]
+        assert min(sizes) > 0.4 * max(sizes), sizes  # each process wrote its half of the weights and AdamW state
+        assert not list(checkpoint.parent.glob("checkpoint.pt"))
     rerun = train(tmp_path, "rerun", FSDP)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     logged = killed.stdout + rerun.stdout + "".join(p.read_text() for p in tmp_path.glob("*/*.log"))
@@ -96,14 +97,19 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoints_to_the_uninterru
     assert evaluated[0]["policy"] == evaluated[1]["policy"]
 
 
-def test_an_fsdp_launch_refuses_a_lora_model_before_any_stage(monkeypatch):
+def test_an_fsdp_launch_refuses_fsdp1_and_a_lora_model_before_any_stage(monkeypatch):
     from lol_rl.errors import ConfigError
     from lol_rl.pipeline import check_fully_sharded
 
     lora = OmegaConf.create({"model": {"name": "smollm2", "lora": {"r": 8}, "quantization": None}})
+    full = OmegaConf.create({"model": {"name": "tiny", "lora": None, "quantization": None}})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
     check_fully_sharded(lora)  # one process: nothing is sharded
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    check_fully_sharded(OmegaConf.create({"model": {"name": "tiny", "lora": None, "quantization": None}}))
+    with pytest.raises(ConfigError, match=r"^the accelerate config asks for FSDP version 1; lol-rl shards with FSDP2"):
+        check_fully_sharded(full)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_fully_sharded(full)
     with pytest.raises(ConfigError, match=r"^model smollm2: the FSDP launch config shards full fine-tuning"):
         check_fully_sharded(lora)

@@ -128,6 +128,12 @@ def fully_sharded() -> bool:
     return launched() and parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
+def check_fsdp_version(version: int) -> None:
+    if version != 2:
+        raise ConfigError(f"the accelerate config asks for FSDP version {version}; lol-rl shards with FSDP2: set "
+                          f"fsdp_version: 2 under fsdp_config (as conf/accelerate/fsdp.yaml does)")
+
+
 def shard(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """`model` sharded in place by FSDP2 as the launch config says (accelerate's FSDP plugin reads
     the FSDP_* variables `accelerate launch` sets: wrap policy, reshard after forward, offload),
@@ -137,9 +143,7 @@ def shard(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[tor
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise ConfigError(f"the accelerate config asks for FSDP version {plugin.fsdp_version}; lol-rl shards with "
-                          f"FSDP2: set fsdp_version: 2 under fsdp_config (conf/accelerate/fsdp.yaml)")
+    check_fsdp_version(plugin.fsdp_version)
     accelerator = Accelerator(cpu=_state().device.type == "cpu", fsdp_plugin=plugin)
     if accelerator.distributed_type == DistributedType.MULTI_CPU:
         # accelerate (1.16) turns FSDP on for accelerator devices only, while torch's fully_shard runs on

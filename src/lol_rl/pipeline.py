@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,10 @@ def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
 def check_fully_sharded(cfg) -> None:
     """An FSDP launch shards full fine-tuning; an adapter over a frozen (or 4-bit) base is
     replicated under DDP instead, where its few trainable weights cost little."""
-    if distributed.fully_sharded() and (cfg.model.get("lora") or cfg.model.get("quantization")):
+    if not distributed.fully_sharded():
+        return
+    distributed.check_fsdp_version(int(os.environ.get("FSDP_VERSION", "1")))  # accelerate's default is FSDP1
+    if cfg.model.get("lora") or cfg.model.get("quantization"):
         raise ConfigError(f"model {cfg.model.name}: the FSDP launch config shards full fine-tuning, and this model "
                           f"trains a LoRA adapter (model.lora / model.quantization); launch it with --multi_gpu "
                           f"(DDP), or set model.lora=null model.quantization=null to fine-tune every weight")
