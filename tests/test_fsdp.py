@@ -97,6 +97,45 @@ def test_a_killed_fsdp_run_resumes_from_its_sharded_checkpoints_to_the_uninterru
     assert evaluated[0]["policy"] == evaluated[1]["policy"]
 
 
+WORKER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from lol_rl import distributed
+import test_grad_accum
+
+out = Path({out!r})
+out.mkdir(parents=True, exist_ok=True)
+for family in {families!r}:
+    model, _ = test_grad_accum.train(out, family, grad_accum=2)
+    assert distributed.is_sharded(model)
+    weights = distributed.full_state_dict(model)  # every process gathers, the main one saves
+    if distributed.is_main():
+        torch.save(weights, out / f"{{family}}.pt")
+"""
+
+
+def test_fsdp_with_two_micro_batches_trains_every_loss_family_like_one_process_with_the_whole_batch(tmp_path):
+    """Batch 16 over 2 FSDP processes x rl.grad_accum 2 (micro-batches of 4): the weights one
+    process gets with the 16 rows at once, for single responses, pairs and rankings."""
+    import test_grad_accum
+
+    families = ["nll", "dpo", "pro"]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp"), families=families))
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*FSDP, str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for family in families:
+        whole, _ = test_grad_accum.train(tmp_path / "one", family, grad_accum=1)
+        sharded = torch.load(tmp_path / "fsdp" / f"{family}.pt")
+        for name, p in whole.named_parameters():
+            torch.testing.assert_close(test_grad_accum.without_key_bias(name, sharded[name]),
+                                       test_grad_accum.without_key_bias(name, p.detach()),
+                                       rtol=1e-5, atol=1e-5, msg=f"{family}: {name}")
+
+
 def test_an_fsdp_launch_refuses_fsdp1_and_a_lora_model_before_any_stage(monkeypatch):
     from lol_rl.errors import ConfigError
     from lol_rl.pipeline import check_fully_sharded
