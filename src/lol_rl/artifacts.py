@@ -35,6 +35,8 @@ POLICY = "policy"  # dir: the best checkpoint by validation reward
 BEST = "best.json"  # its step and validation reward
 VALIDATION = "validation.jsonl"  # every validation record, so a cached rl stage keeps its curve
 CHECKPOINT = "checkpoint.pt"  # loop state of a build in progress (removed when it finishes)
+SHARDED_CHECKPOINT = "checkpoint.dcp"  # dir: the same under FSDP, weights and optimizer as DCP shards
+LOOP_STATE = "loop.pt"  # in SHARDED_CHECKPOINT: the rest of the loop state (scheduler, sampler, RNG, step)
 
 # eval: test metrics of one policy
 EVAL_METRICS = "metrics.json"

@@ -13,6 +13,15 @@ process r runs batches r, r+N, ... and every process gets all results back in ba
 so the artifact the main process writes is the one a single process writes. Online PPO's rl
 stage is built by the main process while the others wait (see cache.py).
 
+    accelerate launch --config_file conf/accelerate/fsdp.yaml -m lol_rl.cli train   # FSDP2, full fine-tuning
+
+Under an FSDP launch config (`distributed_type: FSDP`, `fsdp_version: 2`) the same two loops
+shard the model instead of replicating it (accelerate's FSDP plugin applies torch's
+`fully_shard`): each process holds 1/N of the weights, gradients and optimizer state. Every
+process then joins what needs the whole weights (validation's generation, saving the policy),
+checkpoints are sharded (torch DCP, one file per process) and the artifacts are the full
+weights, written by the main process, so the later stages read them as they read any.
+
 With `LOL_RL_SHARD_RECORD=<dir>` (tests only) every process appends, per training step, the
 rows it trained on to `<dir>/<stage>-rank<r>.jsonl`, and per sharded pass the batches it ran to
 `<dir>/map-rank<r>.jsonl`.
@@ -30,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .errors import LolRlError
+from .errors import ConfigError, LolRlError
 
 # the other processes wait in a collective while the main one builds a whole stage (PPO's rl
 # stage), or fits the value head, or validates: torch's 30-minute default would kill them
@@ -117,6 +126,70 @@ def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
         return model
     device = next(model.parameters()).device
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fully_sharded() -> bool:
+    """Launched with an FSDP accelerate config: the training loops shard their model (`shard`)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return launched() and parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def check_fsdp_version(version: int) -> None:
+    if version != 2:
+        raise ConfigError(f"the accelerate config asks for FSDP version {version}; lol-rl shards with FSDP2: set "
+                          f"fsdp_version: 2 under fsdp_config (as conf/accelerate/fsdp.yaml does)")
+
+
+def shard(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """`model` sharded in place by FSDP2 as the launch config says (accelerate's FSDP plugin reads
+    the FSDP_* variables `accelerate launch` sets: wrap policy, reshard after forward, offload),
+    and `optimizer` moved onto the sharded parameters. The plain optimizer comes back, not
+    accelerate's wrapper: the loop clips and steps it itself, as under DDP."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    check_fsdp_version(plugin.fsdp_version)
+    accelerator = Accelerator(cpu=_state().device.type == "cpu", fsdp_plugin=plugin)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate (1.16) turns FSDP on for accelerator devices only, while torch's fully_shard runs on
+        # CPU processes over gloo too: set the two fields its device branch sets (the CPU tests use this)
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    model, prepared = accelerator.prepare(model, optimizer)
+    return model, prepared.optimizer
+
+
+def load_device(device: torch.device) -> torch.device:
+    """Where a training stage loads its model: the CPU under FSDP (fully_shard moves each
+    process's shard to its own device, so no device ever holds the whole model), else `device`."""
+    return torch.device("cpu") if fully_sharded() else device
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's whole weights, gathered on the main process's CPU (every process must
+    call it; the others get None). None for a model that is not sharded: it holds its weights."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main():
+        return None
+    # the gather copies tied weights (GPT-2's lm_head is wte) apart: alias them again, so that
+    # save_pretrained drops the tied copy as it does for a model that was never sharded
+    first = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(parameter), name)
+        weights[name] = weights[first[id(parameter)]]
+    return weights
 
 
 def record_shard(stage: str, step: int, rows: torch.Tensor) -> None:

@@ -319,8 +319,9 @@ def load_policy(path: str | Path, device: torch.device, model_cfg=None):
     return PeftModel.from_pretrained(base, path), tokenizer
 
 
-def save_reference(model, tokenizer, path: str | Path, model_cfg) -> None:
-    """The sft artifact: full weights. A LoRA adapter is merged first; over a 4-bit base it is
+def save_reference(model, tokenizer, path: str | Path, model_cfg, state_dict: dict | None = None) -> None:
+    """The sft artifact: full weights (`state_dict`, a sharded model's gathered, else the
+    model's own). A LoRA adapter is merged first; over a 4-bit base it is
     merged into the full-precision base reloaded on CPU (merging into NF4 weights would round
     them a second time), and later stages quantize the merged weights once, on load."""
     from peft import PeftModel
@@ -334,15 +335,16 @@ def save_reference(model, tokenizer, path: str | Path, model_cfg) -> None:
                                                         dtype=compute_dtype(model_cfg, torch.device("cuda")))
             model = PeftModel.from_pretrained(base, adapter_dir)
         model = model.merge_and_unload()
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 
-def save_policy(model, tokenizer, path: str | Path, base_dir: str | Path | None = None) -> None:
-    """The rl artifact: full weights, or (a LoRA policy) the adapter and the path of its base,
-    relative, so that the cache directory can move."""
+def save_policy(model, tokenizer, path: str | Path, base_dir: str | Path | None = None,
+                state_dict: dict | None = None) -> None:
+    """The rl artifact: full weights (`state_dict` as in save_reference), or (a LoRA policy) the
+    adapter and the path of its base, relative, so that the cache directory can move."""
     path = Path(path)
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     if is_adapter(path):
         if base_dir is None:

@@ -177,12 +177,16 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     stops the run naming the step and the rows (by `row_ids`), unless `opt_cfg.skip_nonfinite`.
 
     Under several processes each trains on its share of every global batch under DDP (the
-    gradient is the global batch's); the main process alone validates and checkpoints. With
+    gradient is the global batch's), or under FSDP on its shard of the model (distributed.shard);
+    the main process alone validates and checkpoints (under FSDP all of them do). With
     `opt_cfg.grad_accum` k > 1 each share runs as k micro-batches whose gradients add up to its
     own (`batch_size` stays the optimizer batch; k only bounds the memory of a forward)."""
     optimizer = make_optimizer(model, opt_cfg, optimizer_name)
     rank, world = distributed.rank(), distributed.world_size()
-    trained = distributed.data_parallel(model)  # the forward/backward; `model` itself for generation and saving
+    sharded = distributed.fully_sharded()
+    if sharded:  # FSDP: `model` sharded in place, one module for the step, generation and saving
+        model, optimizer = distributed.shard(model, optimizer)
+    trained = model if sharded else distributed.data_parallel(model)  # `model` itself generates and saves
     scheduler = get_scheduler(opt_cfg.schedule, optimizer, num_warmup_steps=opt_cfg.warmup_steps,
                               num_training_steps=opt_cfg.steps)
     params = dict(loss_params)
@@ -211,5 +215,6 @@ def optimize(model, source: BatchSource, loss_fn: Callable, loss_params: dict, o
     loop = Loop(stage=stage, steps=opt_cfg.steps, step=step, model=model, trainable=model, optimizer=optimizer,
                 scheduler=scheduler, metrics=metrics, log_interval=opt_cfg.log_interval, validation=validation,
                 checkpoint=checkpoint, checkpoint_interval=opt_cfg.get("checkpoint_interval", 0) if checkpoint else 0,
-                extra_state=source.state_dict, load_extra_state=source.load_state_dict, data_parallel=True)
+                extra_state=source.state_dict, load_extra_state=source.load_state_dict, data_parallel=True,
+                sharded=sharded)
     return run_loop(loop)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,18 @@ def check_batches_split(cfg, world: int, sections=("sft", "rl")) -> None:
                               f"equal micro-batches{over}; use a multiple of {grad_accum * world}")
 
 
+def check_fully_sharded(cfg) -> None:
+    """An FSDP launch shards full fine-tuning; an adapter over a frozen (or 4-bit) base is
+    replicated under DDP instead, where its few trainable weights cost little."""
+    if not distributed.fully_sharded():
+        return
+    distributed.check_fsdp_version(int(os.environ.get("FSDP_VERSION", "1")))  # accelerate's default is FSDP1
+    if cfg.model.get("lora") or cfg.model.get("quantization"):
+        raise ConfigError(f"model {cfg.model.name}: the FSDP launch config shards full fine-tuning, and this model "
+                          f"trains a LoRA adapter (model.lora / model.quantization); launch it with --multi_gpu "
+                          f"(DDP), or set model.lora=null model.quantization=null to fine-tune every weight")
+
+
 def check_ppo_minibatches(cfg) -> None:
     """PPO cuts each update's rl.batch_size rollouts into algo.params.minibatches minibatches, and
     each minibatch into rl.grad_accum micro-batches: with accumulation they must divide evenly."""
@@ -180,6 +193,7 @@ def open_chain(cfg, metrics_path: Path, **tracking) -> Chain:
     resolve_budget(cfg, "sft", train_rows)
     resolve_budget(cfg, "rl", train_rows)  # a bad rl budget stops here too, before any stage
     check_batches_split(cfg, distributed.world_size(), ("sft", "rl") if algo.trainer == "offline" else ("sft",))
+    check_fully_sharded(cfg)
     if algo.trainer == "ppo":  # on the main process alone
         check_ppo_minibatches(cfg)
     check_split_sizes(task, algo)

@@ -34,7 +34,7 @@ from transformers import get_scheduler
 from .. import artifacts
 from ..data import cut_counts, encode_rows
 from ..logprobs import gather_positions, pad_batch, response_logits, response_logprobs, response_positions, to_device
-from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_policy, run_loop
+from ..loop import Loop, Validation, best_policy_saver, guarded_update, recover_swap, run_loop
 from ..losses import adaptive_kl_coef, gae, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 from ..models import add_adapter, autocast, load_policy, make_optimizer, reference_policy
 from ..offline import BatchSource
@@ -270,7 +270,7 @@ def run(stage: StageRun) -> None:
         score_moments.__dict__.update(state["score_moments"])
         online.update(state["online"])
 
-    recover_policy(out / artifacts.POLICY)
+    recover_swap(out / artifacts.POLICY)
     score = validation_scorer(task, tokenizer, cfg)
     save_best = best_policy_saver(model, tokenizer, out, base_dir=sft_dir)
     log.info("rl: ppo for %d updates of %d rollouts (%.1fx rl.steps), %d epochs x %d minibatches each",

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from .. import artifacts, distributed
 from ..algorithms import algorithm, split_threshold
 from ..data import cut_counts, encode_rows
-from ..loop import Validation, best_policy_saver, recover_policy
+from ..loop import Validation, best_policy_saver, recover_swap, remove_checkpoint
 from ..losses import LOSSES
 from ..models import add_adapter, load_policy
 from ..offline import BatchSource, optimize
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def policy_from_reference(stage: StageRun):
     """pi_ref loaded to train: with a fresh LoRA adapter when the model has one (disabling it
     gives the reference back), else its full weights."""
-    model, tokenizer = load_policy(stage.inputs["sft"], stage.device, stage.cfg.model)
+    model, tokenizer = load_policy(stage.inputs["sft"], distributed.load_device(stage.device), stage.cfg.model)
     if stage.cfg.model.lora:
         model = add_adapter(model, stage.cfg.model)
     return model, tokenizer
@@ -76,18 +76,18 @@ def run_offline(stage: StageRun) -> None:
                          shuffle=algo.sampling == "shuffle", length_buckets=cfg.rl.length_buckets)
     save_best = best_policy_saver(model, tokenizer, stage.out, base_dir=stage.inputs["sft"])
     if distributed.is_main():
-        recover_policy(stage.out / artifacts.POLICY)  # a kill between the two renames of a policy swap
+        recover_swap(stage.out / artifacts.POLICY)  # a kill between the two renames of a policy swap
     score = validation_scorer(task, tokenizer, cfg)
     validation = None if score is None else Validation(score, save_best, cfg.rl.val_interval, at_start=True)
     summary = optimize(model, source, LOSSES[algo.loss], algo.params, cfg.rl, device=stage.device, stage="rl",
                        metrics=stage.metrics, validation=validation, row_ids=[e.id for e in task.splits["train"]],
                        optimizer_name=cfg.model.optimizer, checkpoint=stage.out / artifacts.CHECKPOINT)
-    if not distributed.is_main():  # the main process validated and saved
-        return
-    (stage.out / artifacts.CHECKPOINT).unlink(missing_ok=True)  # the finished artifact needs no loop state
     if validation is None:  # no scorer to choose a checkpoint by: the last step is the policy
         log.info("rl: the task has no reward scorer, so the last step is kept (no validation)")
-        save_best(cfg.rl.steps, None)
+        save_best(cfg.rl.steps, None)  # on every process: a sharded model's are gathered; the main one writes
+    if not distributed.is_main():  # the main process validated and saved
+        return
+    remove_checkpoint(stage.out / artifacts.CHECKPOINT)  # the finished artifact needs no loop state
     summary.update(kept_rows=len(keep), train_rows=len(rows), kept_fraction=len(keep) / len(rows),
                    **cut_counts("rl", len(rows), rows.truncated_prompts, rows.truncated_responses))
     (stage.out / artifacts.SUMMARY).write_text(json.dumps(summary, indent=2))
