@@ -20,6 +20,17 @@ from test_cli import ROOT, TINY
 
 # shuffled passes: the rows of one batch are distinct, so "disjoint" is about rows, not positions
 RUN = [*TINY, "threads=1", "algo=alol", "algo.sampling=shuffle"]
+# two CPU processes over gloo, DDP (accelerate's own launcher, as a user runs it)
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run_worker(launcher: list[str], script: Path) -> None:
+    """A test's worker script under `launcher`, one thread per process; fails the test with its output."""
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_shards_are_disjoint_equal_and_cover_the_batch():
@@ -73,10 +84,8 @@ def weights(cache: Path, stage: str) -> dict[str, torch.Tensor]:
 # KTO: its reference point z0 is a mean over the global batch, so the processes must average it
 @pytest.mark.parametrize("algo", [RUN[-2:], ["algo=kto"]], ids=["alol", "kto"])
 def test_two_cpu_processes_train_on_disjoint_rows_and_match_one_process(tmp_path, algo):
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     one_cache, one_run = train(tmp_path, "one", [sys.executable], algo)
-    two_cache, two_run = train(tmp_path, "two", accelerate, algo)
+    two_cache, two_run = train(tmp_path, "two", TWO_PROCESSES, algo)
     for stage in ("sft", "rl"):  # both data-parallel loops
         single = records(one_cache.parent / "shards" / f"{stage}-rank0.jsonl")
         ranks = [records(two_cache.parent / "shards" / f"{stage}-rank{r}.jsonl") for r in (0, 1)]
@@ -121,13 +130,11 @@ def test_two_processes_shard_the_one_pass_stages_and_write_the_artifacts_of_one(
     batch of each pass, and every file of those artifacts has the SHA-256 of the 1-process run's.
     The 2-process run reuses the 1-process run's sft and rl artifacts (DDP training matches one
     process only to float rounding), so the sharded stages read the same inputs."""
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     overrides = [*RUN[-2:], *SMALL_BATCHES]
     one_cache, _ = train(tmp_path, "one", [sys.executable], overrides)
     for stage in ("sft", "rl"):
         shutil.copytree(one_cache / stage, tmp_path / "two" / "cache" / stage)
-    two_cache, two_run = train(tmp_path, "two", accelerate, overrides)
+    two_cache, two_run = train(tmp_path, "two", TWO_PROCESSES, overrides)
     built = {label for label, timing in json.loads((two_run / "stages.json").read_text()).items() if not timing["cached"]}
     assert built == {"value", "reference", "advantage", "eval_ref", "eval"}
     for stage in SHARDED:
@@ -158,11 +165,9 @@ def test_a_process_failing_its_share_of_a_pass_stops_every_process_with_one_line
     """A scorer that fails in the second process's share of eval's scoring: the main process is
     told (it would otherwise wait in the gather until the 48-hour timeout) and both exit."""
     (tmp_path / "failing_scorer.py").write_text(FAILING_SCORER)
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([*accelerate, "-m", "lol_rl.cli", "train", *RUN[:-2], "algo=nll", "generation.batch_size=10",
+    proc = subprocess.run([*TWO_PROCESSES, "-m", "lol_rl.cli", "train", *RUN[:-2], "algo=nll", "generation.batch_size=10",
                            "reward=failing_scorer:score", f"cache_dir={tmp_path / 'cache'}",
                            f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
@@ -208,12 +213,7 @@ def test_two_processes_of_two_micro_batches_train_like_one_process_with_the_whol
     families = ["nll", "dpo", "pro"]
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / "two"), families=families))
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*accelerate, str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    run_worker(TWO_PROCESSES, script)
     for family in families:
         whole, _ = test_grad_accum.train(tmp_path / "one", family, grad_accum=1)
         for rank in (0, 1):  # DDP keeps the replicas equal

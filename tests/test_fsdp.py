@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from test_cli import ROOT, TINY
+from test_distributed import TWO_PROCESSES, run_worker
 
 # checkpoints every 5 sft / 4 rl steps (runtime keys: the artifacts are those of a run without)
 RUN = [*TINY, "threads=1", "algo=alol", "algo.sampling=shuffle", "sft.checkpoint_interval=5", "rl.checkpoint_interval=4"]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
-FSDP = [*LAUNCH, "--config_file", str(ROOT / "conf" / "accelerate" / "fsdp.yaml")]
-DDP = [*LAUNCH, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+FSDP = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+        "--config_file", str(ROOT / "conf" / "accelerate" / "fsdp.yaml")]
+DDP = TWO_PROCESSES
 
 
 def train(workspace: Path, name: str, launcher: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -123,10 +124,7 @@ def test_fsdp_with_two_micro_batches_trains_every_loss_family_like_one_process_w
     families = ["nll", "dpo", "pro"]
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp"), families=families))
-    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*FSDP, str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    run_worker(FSDP, script)
     for family in families:
         whole, _ = test_grad_accum.train(tmp_path / "one", family, grad_accum=1)
         sharded = torch.load(tmp_path / "fsdp" / f"{family}.pt")
