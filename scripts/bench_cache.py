@@ -1,5 +1,7 @@
 """What verifying a cached artifact costs: write_manifest (at build) and check_complete (before
-every reuse) on an artifact of one file of `--mb` MB of random bytes, best of `--repeats`.
+every reuse) on an artifact of one file of `--mb` MB of random bytes, the two interleaved for
+`--repeats` rounds (scripts/benchlib.py): mean seconds (min..max over rounds), the load average
+before and after.
 
     python scripts/bench_cache.py --mb 500
 """
@@ -12,16 +14,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import LoadWindow, Spread, interleaved  # scripts/benchlib.py
 from lol_rl.cache import check_complete, write_manifest
 
 
-def best_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+def seconds(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -34,13 +34,12 @@ def main() -> None:
         with open(artifact / "model.safetensors", "wb") as f:
             for _ in range(args.mb):
                 f.write(os.urandom(1 << 20))
-        load_before = os.getloadavg()[0]
-        build = best_seconds(lambda: write_manifest(artifact), args.repeats)
-        reuse = best_seconds(lambda: check_complete(artifact), args.repeats)
-    print(f"load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
-    print(f"{args.mb} MB artifact: manifest at build {build:.2f} s, check before reuse {reuse:.2f} s "
-          f"({args.mb / reuse / 1024:.2f} GB/s)")
-
+        with LoadWindow():
+            rounds = interleaved({"build": lambda: seconds(lambda: write_manifest(artifact)),
+                                  "reuse": lambda: seconds(lambda: check_complete(artifact))}, args.repeats)
+    build, reuse = Spread.of(rounds["build"]), Spread.of(rounds["reuse"])
+    print(f"{args.mb} MB artifact, {args.repeats} interleaved rounds, mean (min..max): manifest at build "
+          f"{build.format(2)} s, check before reuse {reuse.format(2)} s ({args.mb / reuse.mean / 1024:.2f} GB/s)")
 
 if __name__ == "__main__":
     main()

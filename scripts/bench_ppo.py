@@ -8,7 +8,10 @@ so both start from the same pi_ref (which varies with the seed). Prints, as mean
 seeds, the test reward per component, length and distinct-1/2/3 of pi_ref, A-LOL and PPO,
 and the rl stage's wall time per 1,000 training sequences: an offline step trains on
 rl.batch_size logged responses, a PPO update generates rl.batch_size responses and trains on
-them for its epochs (generation, scoring and validation included in both).
+them for its epochs (generation, scoring and validation included in both). Each seed is one
+repeat (A-LOL and PPO of a seed run in one sweep, one after the other); times are printed as the
+mean (min..max) over seeds, PPO's cost per sequence over A-LOL's is taken per seed, and the load
+average is printed before and after (scripts/benchlib.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from benchlib import LoadWindow, Spread, ratios  # scripts/benchlib.py
 
 ALGOS = ("alol", "ppo")
 
@@ -43,6 +48,7 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
             "rl_seconds": stages["rl"]["seconds"],
             "sequences": summary["steps"] * config.rl.batch_size,
             "rollout_seconds": summary.get("rollout_seconds"),
+            "threads": config.threads,
         }
     return runs
 
@@ -59,13 +65,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. algo.params.step_multiple=1.0")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-ppo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-ppo-") as tmp, LoadWindow():
         results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
 
     rows = {"pi_ref": [r["alol"]["eval"]["reference"] for r in results.values()]}
     rows.update({algo: [r[algo]["eval"]["policy"] for r in results.values()] for algo in ALGOS})
     components = list(rows["pi_ref"][0]["rewards"])
-    print(f"seeds: {args.seeds}\n\ntest split (mean +- std over seeds)")
+    threads = sorted({r[algo]["threads"] for r in results.values() for algo in ALGOS})
+    print(f"seeds: {args.seeds}, threads (the runs' config): {'/'.join(map(str, threads))}\n\n"
+          f"test split (mean +- std over seeds)")
     print("| policy | reward | " + " | ".join(components) + " | length | distinct-1 | distinct-2 | distinct-3 |")
     print("|---|---|" + "---|" * (len(components) + 4))
     for name, metrics in rows.items():
@@ -76,7 +84,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
     print("\nrl stage wall time")
-    print("| algo | training sequences | rl seconds | seconds per 1000 sequences | of which rollouts |")
+    print("| algo | training sequences | rl seconds, mean (min..max) | seconds per 1000 sequences | of which rollouts |")
     print("|---|---|---|---|---|")
     timing = {}
     for algo in ALGOS:
@@ -84,8 +92,10 @@ def main() -> None:
         per_1000 = [1000 * r["rl_seconds"] / r["sequences"] for r in per_seed]
         rollouts = [r["rollout_seconds"] / r["rl_seconds"] for r in per_seed if r["rollout_seconds"] is not None]
         timing[algo] = {"per_1000": per_1000, "rollout_share": rollouts}
-        print(f"| {algo} | {per_seed[0]['sequences']} | {mean_std([r['rl_seconds'] for r in per_seed])} | "
-              f"{mean_std(per_1000)} | {f'{statistics.mean(rollouts):.0%}' if rollouts else '-'} |")
+        print(f"| {algo} | {per_seed[0]['sequences']} | {Spread.of([r['rl_seconds'] for r in per_seed]).format(1)} | "
+              f"{Spread.of(per_1000).format(2)} | {f'{statistics.mean(rollouts):.0%}' if rollouts else '-'} |")
+    per_sequence = ratios(timing["ppo"]["per_1000"], timing["alol"]["per_1000"])
+    print(f"PPO / A-LOL seconds per training sequence, per seed: {per_sequence.format(2)}x")
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "test": rows, "timing": timing}, indent=2))
     sys.exit(0)

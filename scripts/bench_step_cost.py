@@ -3,14 +3,17 @@ to NLL, on the same rows of the embedded task.
 
     python scripts/bench_step_cost.py                      # the default tiny model
     python scripts/bench_step_cost.py model.n_layer=8 model.n_embd=256   # any config override
-    python scripts/bench_step_cost.py --json ratios.json   # also write {algo: ratio to nll}
+    python scripts/bench_step_cost.py --json ratios.json   # also write {algo: {mean, min, max} ratio to nll}
 
 Each step is the training loop's own: build the batch of the algorithm's response groups
 and its cached reference log-probs, one policy forward, the loss, backward, clip, AdamW.
-Algorithms are timed in interleaved rounds (so drift hits all of them alike) and the median
-step is reported. Targets: every A-LOL variant, rlol, wbc and gold <= 1.05x NLL (no
-reference forward in training); dpo, dpo_ref_free and kto <= 2.1x (two responses per row; KTO's
-second is the mismatched pair).
+Algorithms are timed in interleaved rounds, A B A B ... (scripts/benchlib.py: drift in the
+machine's load hits all of them alike); each round's figure is its mean step time, a ratio to
+NLL is taken per round, and every figure is printed as the mean over rounds (min..max). A
+target is met only if every round meets it ("inconclusive" when the spread crosses it).
+Targets: every A-LOL variant, rlol, wbc and gold <= 1.05x NLL (no reference forward in
+training); dpo, dpo_ref_free and kto <= 2.1x (two responses per row; KTO's second is the
+mismatched pair).
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+
+from benchlib import LoadWindow, Spread, interleaved, mean_step_seconds, ratios, verdict  # scripts/
 
 from lol_rl.stages.reference import reference_logprobs, train_rewards
 from lol_rl.algorithms import algorithm, split_threshold
@@ -48,11 +52,13 @@ def algo_config(name: str, overrides: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per algorithm per round")
-    parser.add_argument("--json", type=Path, help="also write {algo: ratio to nll} here")
+    parser.add_argument("--algos", nargs="+", choices=ALGOS, default=ALGOS, help="these only (nll is always timed)")
+    parser.add_argument("--json", type=Path, help="also write {algo: {mean, min, max} ratio to nll} here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=8 rl.batch_size=64")
     args = parser.parse_args()
+    algos = ["nll", *(a for a in ALGOS if a in args.algos and a != "nll")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     cfg = algo_config("nll", args.overrides)
@@ -73,7 +79,7 @@ def main() -> None:
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     setups = {}
-    for name in ALGOS:
+    for name in algos:
         algo = algorithm(algo_config(name, args.overrides).algo)
         groups = rows.expand(algo.groups)
         # the same rows every step: a shuffled pass over exactly one batch
@@ -101,27 +107,28 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return times
 
-    for name in ALGOS:  # warm-up
+    for name in algos:  # warm-up
         run_steps(name, 2)
-    samples = {name: [] for name in ALGOS}
-    for _ in range(args.rounds):
-        for name in ALGOS:
-            samples[name].extend(run_steps(name, args.steps))
-    median = {name: statistics.median(times) for name, times in samples.items()}
-    ratios = {name: median[name] / median["nll"] for name in ALGOS}
+    with LoadWindow():
+        rounds = interleaved({name: (lambda name=name: mean_step_seconds(run_steps(name, args.steps)))
+                              for name in algos}, args.rounds)
+    step = {name: Spread.of(seconds) for name, seconds in rounds.items()}
+    to_nll = {name: ratios(rounds[name], rounds["nll"]) for name in algos}
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M parameters), batch {len(fixed_rows)}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} x {args.steps} steps per algorithm")
-    print("| algo | median step ms | x NLL | target |")
+          f"{torch.get_num_threads()} threads in the timing process, {args.rounds} interleaved rounds x {args.steps} "
+          f"steps per algorithm; mean (min..max over rounds)")
+    print("| algo | mean step ms | x NLL | target |")
     print("|---|---|---|---|")
-    for name in ALGOS:
+    for name in algos:
         target = TARGETS.get(name)
-        verdict = "" if target is None else f"<= {target} {'met' if ratios[name] <= target else 'MISSED'}"
-        print(f"| {name} | {1000 * median[name]:.1f} | {ratios[name]:.3f} | {verdict} |")
+        verdict_cell = "" if target is None else f"<= {target} {verdict(to_nll[name], target, at_most=True)}"
+        ms = Spread(1000 * step[name].mean, 1000 * step[name].low, 1000 * step[name].high)
+        print(f"| {name} | {ms.format(1)} | {to_nll[name].format(3)} | {verdict_cell} |")
     if args.json:
-        args.json.write_text(json.dumps(ratios, indent=2))
-
+        args.json.write_text(json.dumps({name: {"mean": r.mean, "min": r.low, "max": r.high}
+                                         for name, r in to_nll.items()}, indent=2))
 
 if __name__ == "__main__":
     main()

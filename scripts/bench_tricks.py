@@ -21,9 +21,14 @@ log-softmax in pieces: logprobs.response_logprobs), peak RSS and step time, each
 subprocess.
 Every row trains the same LoRA adapter (`model.lora`, r 16 over all linear layers unless the
 model config sets one) with A-LOL's loss on batches of `rl.batch_size` drawn by advantage, so
-rows 1 and 2 compare like with like. Each row runs in its own subprocess of this script, so
-that its peak memory is its own: peak RSS on a CPU (Linux), peak allocated memory on a GPU,
-both over the training steps only (loading and the one-off caching are reported apart).
+rows 1 and 2 compare like with like. Each row runs in its own long-lived worker process of this
+script, so that its peak memory is its own: peak RSS on a CPU (Linux), peak allocated memory on
+a GPU, both over the training steps only (loading and the one-off caching are reported apart).
+The workers run `--steps` timed steps in turn, row 1 row 2 ... row 1 row 2 ..., for `--repeats`
+rounds (scripts/benchlib.py; the large-vocabulary rows alternate before / after within a
+vocabulary); a rate is the batch over the mean step time of a round, every figure the mean over
+rounds (min..max), a ratio to row 1 (or to "before") taken per round. The load average is
+printed before and after, the thread count is the workers' own.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import subprocess
 import sys
 import time
 
@@ -48,6 +51,7 @@ from lol_rl.logprobs import response_logprobs, to_device
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy, load_base, reference_policy, resolve_device
 from lol_rl.tasks import build_task
+import benchlib  # scripts/benchlib.py
 from peak_memory import peak_memory, reset_peak_memory  # scripts/peak_memory.py
 
 ROWS = {
@@ -70,8 +74,9 @@ def config(overrides: list[str], row: str):
     return cfg
 
 
-def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    """One row: sequences/s over `steps` timed steps, the one-off caching cost, peak memory."""
+def measure(row: str, overrides: list[str], steps: int, warmup: int) -> None:
+    """One row, as a worker: set up (the one-off caching timed), warm up, then a segment of
+    `steps` timed steps each time the parent says go; at the end, peak memory over all steps."""
     cfg = config(overrides, row)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
@@ -104,11 +109,8 @@ def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.rl.lr)
     loss_fn, params = LOSSES["alol"], dict(cfg.algo.params)
     reset_peak_memory(device)  # the peak of the training steps, not of loading or caching
-    times = []
-    for step in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+
+    def run_step() -> None:
         _, batch = source.sample()
         batch = to_device(batch, device)
         if row in ("copy", "disabled"):
@@ -126,11 +128,14 @@ def measure(row: str, overrides: list[str], steps: int, warmup: int) -> dict:
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return {"row": row, "sequences_per_s": cfg.rl.batch_size / statistics.median(times),
-            "cache_seconds": cache_seconds, "peak_bytes": peak_memory(device), "device": device.type,
-            "parameters": sum(p.numel() for p in policy.parameters()), "batch_size": cfg.rl.batch_size}
+
+    for _ in range(warmup):
+        run_step()
+    benchlib.report({"cache_seconds": cache_seconds})
+    benchlib.serve(steps, run_step)
+    benchlib.report({"row": row, "cache_seconds": cache_seconds, "peak_bytes": peak_memory(device),
+                     "device": device.type, "parameters": sum(p.numel() for p in policy.parameters()),
+                     "batch_size": cfg.rl.batch_size})
 
 
 VOCABS = {"32k": 32000, "128k": 128256}  # LLaMA-2's and LLaMA-3's vocabularies
@@ -164,88 +169,119 @@ def measure_vocab(vocab: str, path: str, steps: int, warmup: int, batch: int = 8
     device = torch.device("cpu")
     reset_peak_memory(device)
     resident = peak_memory(device)
-    times = []
-    for step in range(warmup + steps):
-        started = time.perf_counter()
+    losses = []
+
+    def run_step() -> None:
         policy.train()
         loss, _ = train_loop.loss_on_batch(policy, padded, ["response"], LOSSES["alol"], {"eps": 0.9})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return {"vocab": vocab, "path": path, "seconds_per_step": statistics.median(times), "peak_bytes": peak_memory(device),
-            "resident_bytes": resident, "loss": loss.item(), "batch": batch, "prompt": prompt, "response": response,
-            "parameters": sum(p.numel() for p in policy.parameters())}
+        losses.append(loss.item())
+
+    for _ in range(warmup):
+        run_step()
+    benchlib.report({"resident_bytes": resident})
+    benchlib.serve(steps, run_step)
+    # the loss of the first step (before any update), the same on both paths if they agree
+    benchlib.report({"vocab": vocab, "path": path, "peak_bytes": peak_memory(device), "resident_bytes": resident,
+                     "loss": losses[0], "batch": batch, "prompt": prompt, "response": response,
+                     "parameters": sum(p.numel() for p in policy.parameters())})
 
 
-def vocab_table(steps: int, warmup: int) -> list[dict]:
-    results = []
-    for vocab in VOCABS:
+def run_workers(argv: dict[str, list[str]], repeats: int) -> tuple[dict, dict[str, list[float]], str]:
+    """Interleaved rounds over one worker per row: (closing reports, mean step s per round, threads)."""
+    workers = benchlib.Workers(argv)
+    try:
+        segments = workers.interleaved(repeats)
+        closing = workers.finish()
+    finally:
+        workers.close()
+    return closing, {name: benchlib.segment_means(per) for name, per in segments.items()}, \
+        benchlib.threads_used(segments)
+
+
+def vocab_table(steps: int, warmup: int, repeats: int) -> list[dict]:
+    results, threads = [], set()
+    for vocab in VOCABS:  # before / after alternate within a vocabulary (both alive at once: one vocabulary at a time)
+        argv = {path: [sys.executable, __file__, "--only-vocab", f"{vocab}:{path}", "--steps", str(steps),
+                       "--warmup", str(warmup)] for path in LOGPROB_PATHS}
+        closing, rounds, used = run_workers(argv, repeats)
+        threads.add(used)
         for path in LOGPROB_PATHS:
-            out = subprocess.run([sys.executable, __file__, "--only-vocab", f"{vocab}:{path}", "--steps", str(steps),
-                                  "--warmup", str(warmup)], check=True, capture_output=True, text=True)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append({**closing[path], "seconds_per_step": benchlib.Spread.of(rounds[path]),
+                            "x_before": benchlib.ratios(rounds["full"], rounds[path]), "rounds": rounds[path]})
     first = results[0]
     print(f"\nLog-probs at large vocabularies: A-LOL steps of a from-config LLaMA (2 layers, hidden 256) + LoRA r 16, "
           f"batch {first['batch']} x ({first['prompt']} prompt + <= {first['response']} response tokens), CPU, "
-          f"{torch.get_num_threads()} threads, {steps} timed steps (median)")
-    print("| vocabulary | log-prob path | s/step | peak RSS (MiB) | peak over the loaded model (MiB) | loss |")
-    print("|---|---|---|---|---|---|")
+          f"{'/'.join(sorted(threads))} threads (in the workers), {repeats} interleaved rounds of {steps} timed steps "
+          f"(mean, min..max over rounds)")
+    print("| vocabulary | log-prob path | s/step | speed-up over before | peak RSS (MiB) | "
+          "peak over the loaded model (MiB) | loss |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['vocab']} | {LOGPROB_PATHS[r['path']]} | {r['seconds_per_step']:.3f} | {r['peak_bytes'] / 2**20:.0f} | "
+        print(f"| {r['vocab']} | {LOGPROB_PATHS[r['path']]} | {r['seconds_per_step'].format(3)} | "
+              f"{r['x_before'].format(2)} | {r['peak_bytes'] / 2**20:.0f} | "
               f"{(r['peak_bytes'] - r['resident_bytes']) / 2**20:.0f} | {r['loss']:.6f} |")
     return results
 
 
+def as_json(results: list[dict]) -> str:
+    return json.dumps(results, indent=2, default=vars)  # a Spread as {mean, low, high}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row per round")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row, in a subprocess
-    parser.add_argument("--only-vocab", help=argparse.SUPPRESS)  # <vocab>:<path>, in a subprocess
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the rows")
+    parser.add_argument("--only", choices=list(ROWS), help=argparse.SUPPRESS)  # one row: a worker
+    parser.add_argument("--only-vocab", help=argparse.SUPPRESS)  # <vocab>:<path>: a worker
     parser.add_argument("--vocab-only", action="store_true", help="only the large-vocabulary log-prob rows")
-    parser.add_argument("--vocab-steps", type=int, default=3, help="timed steps per large-vocabulary row (after 1 warm-up)")
+    parser.add_argument("--vocab-steps", type=int, default=3, help="timed steps per large-vocabulary row per round "
+                                                                   "(after 1 warm-up)")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6 rl.batch_size=64")
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(measure(args.only, args.overrides, args.steps, args.warmup)))
+        measure(args.only, args.overrides, args.steps, args.warmup)
         return
     if args.only_vocab:
         vocab, path = args.only_vocab.split(":")
-        print(json.dumps(measure_vocab(vocab, path, args.steps, args.warmup)))
+        measure_vocab(vocab, path, args.steps, args.warmup)
         return
-    if args.vocab_only:
-        results = vocab_table(args.vocab_steps, 1)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
-        return
-
-    results = []
-    for row in ROWS:
-        if row == "bf16" and resolve_device(config(args.overrides, row).device).type != "cuda":
-            continue
-        out = subprocess.run([sys.executable, __file__, "--only", row, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), *args.overrides],
-                             check=True, capture_output=True, text=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    first = results[0]
-    memory = "peak allocated GPU memory" if first["device"] == "cuda" else "peak RSS"
-    print(f"A-LOL steps, LoRA policy ({first['parameters'] / 1e6:.2f}M parameters), batch {first['batch_size']}, "
-          f"{args.steps} timed steps per row (median), device {first['device']}, {torch.get_num_threads()} threads")
-    print(f"| configuration | sequences/s | x row 1 | {memory} (MiB) | one-off caching (s) |")
-    print("|---|---|---|---|---|")
-    for result in results:
-        print(f"| {ROWS[result['row']]} | {result['sequences_per_s']:.1f} | "
-              f"{result['sequences_per_s'] / first['sequences_per_s']:.2f} | {result['peak_bytes'] / 2**20:.0f} | "
-              f"{result['cache_seconds']:.1f} |")
-    results += vocab_table(args.vocab_steps, 1)
+    with benchlib.LoadWindow():
+        if args.vocab_only:
+            results = vocab_table(args.vocab_steps, 1, args.repeats)
+        else:
+            results = main_table(args) + vocab_table(args.vocab_steps, 1, args.repeats)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(as_json(results))
 
+
+def main_table(args) -> list[dict]:
+    rows = [row for row in ROWS
+            if row != "bf16" or resolve_device(config(args.overrides, row).device).type == "cuda"]
+    closing, rounds, threads = run_workers(
+        {row: [sys.executable, __file__, "--only", row, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               *args.overrides] for row in rows}, args.repeats)
+    first = closing[rows[0]]
+    batch = first["batch_size"]
+    memory = "peak allocated GPU memory" if first["device"] == "cuda" else "peak RSS"
+    print(f"A-LOL steps, LoRA policy ({first['parameters'] / 1e6:.2f}M parameters), batch {batch}, "
+          f"{args.repeats} interleaved rounds of {args.steps} timed steps per row (mean, min..max over rounds), "
+          f"device {first['device']}, {threads} threads (in the workers)")
+    print(f"| configuration | sequences/s | x row 1 | {memory} (MiB) | one-off caching (s) |")
+    print("|---|---|---|---|---|")
+    results = []
+    for row in rows:
+        result = {**closing[row], "sequences_per_s": benchlib.Spread.of([batch / s for s in rounds[row]]),
+                  "x_row_1": benchlib.ratios(rounds[rows[0]], rounds[row]), "rounds": rounds[row]}
+        print(f"| {ROWS[row]} | {result['sequences_per_s'].format(1)} | {result['x_row_1'].format(2)} | "
+              f"{result['peak_bytes'] / 2**20:.0f} | {result['cache_seconds']:.1f} |")
+        results.append(result)
+    return results
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     pip install -e ".[bench]"                          # trl>=1.0,<2 (keeps the installed torch)
     python scripts/bench_vs_trl.py                     # tiny GPT-2 (4 layers, 128 wide), 2 CPU threads
     python scripts/bench_vs_trl.py model.n_layer=6 model.n_embd=256 model.n_head=8
-    python scripts/bench_vs_trl.py --repeats 3         # interleaved rounds, the median run of each row
+    python scripts/bench_vs_trl.py --repeats 3         # interleaved rounds: mean (min..max) of each figure
     python scripts/bench_vs_trl.py --json vs_trl.json  # also write every measurement as JSON
 
 Table 1, DPO: TRL's DPOTrainer as TRL runs it by default (a second model copy computes the
@@ -28,18 +28,24 @@ CPU); its optimizer is its default fused AdamW. lol-rl runs the body of `train.o
 (sample, `loss_on_batch`, backward, clip, finiteness check, AdamW from `make_optimizer`,
 scheduler) minus its logging, validation and checkpoints, which TRL has off here too.
 
-Rates count the timed steps only (`--steps` after `--warmup`), from the end of the last warm-up
-step to the end of the last step, so batching and data loading are in. The length-grouped TRL
-row times one whole mega-batch of its sampler (46 batches at 6000 rows) after one as warm-up:
-the sampler serves each mega-batch longest first, so a shorter window would favour it. The one-off costs are
-printed apart: tokenizing the rows (TRL's dataset preparation / lol-rl's `encode_rows`) and
-the reference log-probs of every train row (TRL's precompute, at its default batch = the
-training batch / lol-rl's cache of both response groups at `advantage.batch_size`).
-One command prints the whole comparison; each contender runs in a fresh subprocess of this
-script (`--only NAME`), one after another, so that its peak memory is its own (Linux): peak
-RSS; its growth over the whole run, from a baseline taken after the imports and loading the
-task rows (models, reference copy or cache, tokenized data, optimizer state, activations);
-and its growth over the training steps alone (from the first step, after the one-off stages).
+Each contender runs in its own long-lived worker process of this script (`--only NAME`), so
+that its peak memory is its own (Linux). The workers are set up one after another (tokenizing,
+the one-off reference pass, `--warmup` steps), then wait; the parent tells them in turn to run
+one segment of `--steps` timed steps, A B C ... A B C ... for `--repeats` rounds
+(scripts/benchlib.py), so that drift in the machine's load hits every row alike. A row's rate
+is its batch over its mean step time in each round (the steps of a segment, from the parent's
+go to the end of the last step: batching and data loading are in); every figure is the mean over
+rounds (min..max), and a ratio of two rows is taken per round. A target is met only if every
+round meets it; "inconclusive" when the spread crosses it. The length-grouped TRL row's segment
+is one whole mega-batch of its sampler (46 batches at 6000 rows), after one as warm-up: the
+sampler serves each mega-batch longest first, so a shorter window would favour it. The one-off
+costs are printed apart: tokenizing the rows (TRL's dataset preparation / lol-rl's
+`encode_rows`) and the reference log-probs of every train row (TRL's precompute, at its default
+batch = the training batch / lol-rl's cache of both response groups at `advantage.batch_size`).
+Memory, per worker: peak RSS; its growth over the whole run, from a baseline taken after the
+imports and loading the task rows (models, reference copy or cache, tokenized data, optimizer
+state, activations); and its growth over the training steps alone (from the first step, after
+the one-off stages). The thread count printed is the one inside the workers.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from bench_step_cost import algo_config  # scripts/ is on sys.path when this runs as a script
+import benchlib  # scripts/ is on sys.path when this runs as a script
+from bench_step_cost import algo_config
 from bench_tricks import peak_memory, reset_peak_memory
 from lol_rl.stages.reference import reference_logprobs, train_rewards
 from lol_rl.algorithms import algorithm
@@ -84,7 +91,8 @@ STEP_ROWS = {
     "lolrl_alol": "lol-rl alol, cached reference log-probs",
     "trl_sft": "TRL SFTTrainer, prompt-completion (loss on the completion)",
 }
-DPO_TARGET, ALOL_TARGET = 1.5, 1.05
+# issue 19's targets: DPO pairs/s >= 1.5x TRL (against TRL tuned by an expert too), A-LOL's step <= 1.02x NLL's
+DPO_TARGET, ALOL_TARGET = 1.5, 1.02
 ONE_OFF: dict[str, float] = defaultdict(float)  # seconds of the one-off stages inside TRL's trainers
 
 
@@ -124,8 +132,9 @@ def timed(method, key: str):
     return wrapper
 
 
-def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int) -> dict:
-    """lol-rl's rl stage on the saved policy: encode, cache, then the optimize loop's steps."""
+def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int, repeats: int) -> dict:
+    """lol-rl's rl stage on the saved policy: encode, cache, warm-up, then a segment of the
+    optimize loop's steps each time the parent says go."""
     cfg = algo_config({"lolrl_nll": "nll", "lolrl_alol": "alol"}.get(name, "dpo"), overrides)
     torch.manual_seed(0)
     task = build_task(cfg.task)
@@ -149,10 +158,11 @@ def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmu
                          groups=groups, shuffle=True, length_buckets=8 if name == "lolrl_dpo_k8" else 1)
     optimizer = make_optimizer(model, cfg.rl)
     scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
-                              num_training_steps=warmup + steps)
-    loss_fn, params, running, ends = LOSSES[cfg.algo.loss], dict(cfg.algo.params), {}, []
+                              num_training_steps=warmup + repeats * steps)
+    loss_fn, params, running = LOSSES[cfg.algo.loss], dict(cfg.algo.params), {}
     memory.steps_begin()
-    for step in range(warmup + steps):  # train.optimize's step, without logging/validation/checkpoints
+
+    def run_step() -> None:  # train.optimize's step, without logging/validation/checkpoints
         model.train()
         _, batch = source.sample()
         loss, metrics = loss_on_batch(model, to_device(batch, CPU), source.groups, loss_fn, params)
@@ -160,30 +170,47 @@ def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmu
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.rl.grad_clip)
         if not torch.isfinite(loss.detach() + grad_norm):
-            raise NonFiniteError(f"{name}: non-finite loss or gradient at step {step}")
+            raise NonFiniteError(f"{name}: non-finite loss or gradient")
         optimizer.step()
         for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
             running[key] = running.get(key, 0.0) + value.detach().float()
         scheduler.step()
-        ends.append(time.perf_counter())
-    return result(name, cfg, model, ends, warmup, tokenize_s, reference_s, memory, same_tokens=True)
+
+    for _ in range(warmup):
+        run_step()
+    benchlib.report({"tokenize_s": tokenize_s, "reference_s": reference_s})
+    benchlib.serve(steps, run_step)
+    return final(name, cfg, model, memory, same_tokens=True)
 
 
-def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int) -> dict:
-    """TRL's DPOTrainer / SFTTrainer on the same saved policy and rows."""
+def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup: int, repeats: int) -> dict:
+    """TRL's DPOTrainer / SFTTrainer on the same saved policy and rows; its step callback
+    reports after the warm-up and after each segment, and waits for the parent's go."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    class StepClock(TrainerCallback):
+    class SegmentCallback(TrainerCallback):
         def __init__(self, memory: Memory):
-            self.ends, self.memory = [], memory
+            self.memory, self.clock, self.done, self.segment_end = memory, benchlib.SegmentClock(), 0, warmup
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.memory.steps_begin()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.done += 1
+            self.clock.step_done()
+            if self.done < self.segment_end:
+                return
+            if self.done == warmup:
+                benchlib.report({"tokenize_s": ONE_OFF["tokenize"], "reference_s": ONE_OFF["reference"]})
+            else:
+                benchlib.report({"step_seconds": self.clock.step_seconds(), "threads": torch.get_num_threads()})
+            if benchlib.wait_for_go():
+                self.clock.start()
+                self.segment_end += steps
+            else:
+                control.should_training_stop = True
 
     cfg = algo_config("dpo" if name.startswith("trl_dpo") else "nll", overrides)
     torch.manual_seed(0)
@@ -205,13 +232,14 @@ def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup:
         started = time.perf_counter()
         dataset = dataset.add_column("length", pair_lengths(tokenizer, columns))
         ONE_OFF["tokenize"] += time.perf_counter() - started
+    # one step more than the rounds need: the run ends when the parent says so, not before
     common = dict(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=cfg.rl.batch_size,
-                  max_steps=warmup + steps, learning_rate=cfg.rl.lr, weight_decay=cfg.rl.weight_decay,
+                  max_steps=warmup + repeats * steps + 1, learning_rate=cfg.rl.lr, weight_decay=cfg.rl.weight_decay,
                   lr_scheduler_type=cfg.rl.schedule, warmup_steps=cfg.rl.warmup_steps, max_grad_norm=cfg.rl.grad_clip,
                   max_length=cfg.model.max_prompt_tokens + cfg.model.max_response_tokens, gradient_checkpointing=False,
                   bf16=False, use_cpu=True, report_to="none", logging_strategy="no", save_strategy="no",
                   eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    clock = StepClock(memory)
+    clock = SegmentCallback(memory)
     if name.startswith("trl_dpo"):
         trainer_class = type("TimedDPOTrainer", (DPOTrainer,), {
             "_prepare_dataset": timed(DPOTrainer._prepare_dataset, "tokenize"),
@@ -226,7 +254,7 @@ def run_trl(name: str, overrides: list[str], model_dir: str, steps: int, warmup:
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=[clock])
     trainer.train()
-    out = result(name, cfg, model, clock.ends, warmup, ONE_OFF["tokenize"], ONE_OFF["reference"], memory)
+    out = final(name, cfg, model, memory)
     rows = encode_rows(tokenizer, task, examples, cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     prepared = trainer.train_dataset
     if name.startswith("trl_dpo"):
@@ -245,14 +273,10 @@ def pair_lengths(tokenizer, columns: dict[str, list[str]]) -> list[int]:
     return [max(a, b) for a, b in zip(count("chosen"), count("rejected"))]
 
 
-def result(name, cfg, model, ends, warmup, tokenize_s, reference_s, memory: Memory, same_tokens=None) -> dict:
-    steps = len(ends) - warmup
-    seconds = ends[-1] - ends[warmup - 1]
-    return {"name": name, "steps": steps, "step_ms": 1000 * seconds / steps,
-            "samples_per_s": cfg.rl.batch_size * steps / seconds, "tokenize_s": tokenize_s,
-            "reference_s": reference_s, **memory.report(),
-            "batch_size": cfg.rl.batch_size, "threads": torch.get_num_threads(), "same_tokens": same_tokens,
-            "parameters": sum(p.numel() for p in model.parameters())}
+def final(name, cfg, model, memory: Memory, same_tokens=None) -> dict:
+    """A worker's closing report: its memory and what the tables print beside the rates."""
+    return {"name": name, **memory.report(), "batch_size": cfg.rl.batch_size, "threads": torch.get_num_threads(),
+            "same_tokens": same_tokens, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def versions() -> dict:
@@ -269,51 +293,64 @@ def one_off_and_memory(r: dict) -> str:
             f"{r['steps_growth_mib']:.0f}")
 
 
-def print_tables(results: dict, info: dict, args) -> dict:
+def print_tables(results: dict, rounds: dict[str, list[float]], info: dict, args) -> dict:
+    """`rounds`: each row's mean step seconds per round."""
     first = results["lolrl_nll"]
-    print(f"GPT-2 {first['parameters'] / 1e6:.2f}M parameters, batch {first['batch_size']}, {first['threads']} CPU "
-          f"threads, {args.steps} timed steps after {args.warmup} warm-up (TRL group_by_length: "
-          f"{results['trl_dpo_grouped']['steps']} after as many), one subprocess per row, median of "
-          f"{args.repeats} run(s); "
+    batch = first["batch_size"]
+    rate = {name: benchlib.Spread.of([batch / s for s in seconds]) for name, seconds in rounds.items()}
+    step_ms = {name: benchlib.Spread.of([1000 * s for s in seconds]) for name, seconds in rounds.items()}
+
+    def speed_up(name: str, over: str) -> benchlib.Spread:  # rate ratio per round = inverse step-time ratio
+        return benchlib.ratios(rounds[over], rounds[name])
+
+    print(f"GPT-2 {first['parameters'] / 1e6:.2f}M parameters, batch {batch}, {info['worker_threads']} CPU threads "
+          f"(in the workers), {args.repeats} interleaved rounds of {args.steps} timed steps per row after "
+          f"{args.warmup} warm-up (TRL group_by_length: {results['trl_dpo_grouped']['segment_steps']} after as many), "
+          f"one worker process per row; mean (min..max over rounds); "
           f"same token ids in TRL and lol-rl: {all(r['same_tokens'] for r in results.values())}")
-    print(", ".join(f"{k} {v}" for k, v in info.items()))
+    print(", ".join(f"{k} {v}" for k, v in info.items() if k != "worker_threads"))
     memory = "peak RSS (MiB) | growth, whole run (MiB) | growth, steps (MiB)"
-    base = results["trl_dpo"]["samples_per_s"]
     print(f"\n| DPO | pairs/s | x TRL default | tokenize (s) | reference log-probs (s) | {memory} |")
     print("|---" * 8 + "|")
     for name, label in DPO_ROWS.items():
-        r = results[name]
-        print(f"| {label} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f} | {one_off_and_memory(r)} |")
-    nll_ms = results["lolrl_nll"]["step_ms"]
+        print(f"| {label} | {rate[name].format(1)} | {speed_up(name, 'trl_dpo').format(2)} | "
+              f"{one_off_and_memory(results[name])} |")
     print(f"\n| single response | ms/step | samples/s | x lol-rl nll | tokenize (s) | reference log-probs (s) | {memory} |")
     print("|---" * 9 + "|")
     for name, label in STEP_ROWS.items():
-        r = results[name]
-        print(f"| {label} | {r['step_ms']:.1f} | {r['samples_per_s']:.1f} | {r['step_ms'] / nll_ms:.3f} | "
-              f"{one_off_and_memory(r)} |")
-    ratios = {"lolrl_dpo_k8_over_trl_dpo": results["lolrl_dpo_k8"]["samples_per_s"] / base,
-              "lolrl_dpo_k8_over_trl_dpo_precompute":
-                  results["lolrl_dpo_k8"]["samples_per_s"] / results["trl_dpo_precompute"]["samples_per_s"],
-              "lolrl_dpo_k8_over_trl_dpo_grouped":
-                  results["lolrl_dpo_k8"]["samples_per_s"] / results["trl_dpo_grouped"]["samples_per_s"],
-              "alol_over_nll_step": results["lolrl_alol"]["step_ms"] / nll_ms}
-    dpo, alol = ratios["lolrl_dpo_k8_over_trl_dpo"], ratios["alol_over_nll_step"]
-    print(f"\nlol-rl DPO (k=8) / TRL DPO (default) pairs/s: {dpo:.2f}x, target >= {DPO_TARGET}x: "
-          f"{'met' if dpo >= DPO_TARGET else 'MISSED'} (against TRL with precomputed reference log-probs: "
-          f"{ratios['lolrl_dpo_k8_over_trl_dpo_precompute']:.2f}x; with its length-grouped sampler too: "
-          f"{ratios['lolrl_dpo_k8_over_trl_dpo_grouped']:.2f}x)")
-    print(f"lol-rl A-LOL / NLL step time: {alol:.3f}x, target <= {ALOL_TARGET}x: "
-          f"{'met' if alol <= ALOL_TARGET else 'MISSED'}")
-    return ratios
+        print(f"| {label} | {step_ms[name].format(1)} | {rate[name].format(1)} | "
+              f"{benchlib.ratios(rounds[name], rounds['lolrl_nll']).format(3)} | {one_off_and_memory(results[name])} |")
+    ratios = {"lolrl_dpo_k8_over_trl_dpo": speed_up("lolrl_dpo_k8", "trl_dpo"),
+              "lolrl_dpo_k8_over_trl_dpo_precompute": speed_up("lolrl_dpo_k8", "trl_dpo_precompute"),
+              "lolrl_dpo_k8_over_trl_dpo_grouped": speed_up("lolrl_dpo_k8", "trl_dpo_grouped"),
+              "alol_over_nll_step": benchlib.ratios(rounds["lolrl_alol"], rounds["lolrl_nll"])}
+    print()
+    for key, label in [("lolrl_dpo_k8_over_trl_dpo", "lol-rl DPO (k=8) / TRL DPO (default) pairs/s"),
+                       ("lolrl_dpo_k8_over_trl_dpo_precompute", "lol-rl DPO (k=8) / TRL DPO (precompute) pairs/s"),
+                       ("lolrl_dpo_k8_over_trl_dpo_grouped",
+                        "lol-rl DPO (k=8) / TRL DPO (precompute + group_by_length) pairs/s")]:
+        print(benchlib.target_line(label, ratios[key], DPO_TARGET, at_most=False, digits=2))
+    print(benchlib.target_line("lol-rl A-LOL / NLL step time", ratios["alol_over_nll_step"], ALOL_TARGET,
+                               at_most=True))
+    for ours, theirs in [("lolrl_dpo_k8", "trl_dpo_grouped"), ("lolrl_dpo_k1", "trl_dpo_precompute"),
+                         ("lolrl_nll", "trl_sft"), ("lolrl_alol", "trl_sft")]:
+        a, b = results[ours]["peak_rss_mib"], results[theirs]["peak_rss_mib"]
+        print(f"peak RSS {ours} {a:.0f} MiB / {theirs} {b:.0f} MiB, target <= TRL's: {'met' if a <= b else 'missed'}")
+    return {key: vars(spread) for key, spread in ratios.items()}
+
+
+def worker_command(name: str, model_dir: str, args) -> list[str]:
+    return [sys.executable, __file__, "--only", name, "--model-dir", model_dir, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--repeats", str(args.repeats), *args.overrides]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=32, help="timed optimizer steps per row")
+    parser.add_argument("--steps", type=int, default=32, help="timed optimizer steps per row per round")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (8: whole groups of 8 buckets)")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over every row; the median run is shown")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over every row (A B C ... A B C ...)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
-    parser.add_argument("--only", choices=[*DPO_ROWS, *STEP_ROWS], help=argparse.SUPPRESS)  # one row, in a subprocess
+    parser.add_argument("--only", choices=[*DPO_ROWS, *STEP_ROWS], help=argparse.SUPPRESS)  # one row: a worker
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.n_layer=6 rl.batch_size=64")
     args = parser.parse_args()
@@ -321,30 +358,31 @@ def main() -> None:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     if args.only:
         run = run_trl if args.only.startswith("trl_") else run_lolrl
-        print(json.dumps(run(args.only, args.overrides, args.model_dir, args.steps, args.warmup)))
+        benchlib.report(run(args.only, args.overrides, args.model_dir, args.steps, args.warmup, args.repeats))
         return
 
     torch.manual_seed(0)
     task = build_task(cfg.task)
     texts = [task.format_prompt(e.prompt) + task.response_prefix + e.response for e in task.splits["train"]]
     model, tokenizer = initial_policy(cfg.model, texts)
-    runs = defaultdict(list)
-    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as model_dir:
+    names = [*DPO_ROWS, *STEP_ROWS]
+    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as model_dir, benchlib.LoadWindow() as load:
         save_reference(model, tokenizer, model_dir, cfg.model)  # what the sft stage writes: both load this
-        for _ in range(args.repeats):  # interleaved rounds, so that drift hits every row alike
-            for name in [*DPO_ROWS, *STEP_ROWS]:
-                out = subprocess.run([sys.executable, __file__, "--only", name, "--model-dir", model_dir, "--steps",
-                                      str(args.steps), "--warmup", str(args.warmup), *args.overrides],
-                                     capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **os.environ})
-                if out.returncode != 0:
-                    sys.exit(f"{name} failed:\n{out.stderr[-4000:]}")
-                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    results = {name: sorted(rs, key=lambda r: r["samples_per_s"])[len(rs) // 2] for name, rs in runs.items()}
-    info = versions()
-    ratios = print_tables(results, info, args)
+        workers = benchlib.Workers({name: worker_command(name, model_dir, args) for name in names},
+                                   env={"HF_HUB_OFFLINE": "1", **os.environ})
+        try:
+            segments = workers.interleaved(args.repeats)
+            closing = workers.finish()
+        finally:
+            workers.close()
+    results = {name: {**workers.ready[name], **closing[name], "segment_steps": len(segments[name][0]["step_seconds"])}
+               for name in names}
+    rounds = {name: benchlib.segment_means(segments[name]) for name in names}
+    info = {**versions(), **load.summary(), "worker_threads": benchlib.threads_used(segments)}
+    ratios = print_tables(results, rounds, info, args)
     if args.json:
-        args.json.write_text(json.dumps({"versions": info, "ratios": ratios, "results": results, "runs": runs}, indent=2))
-
+        args.json.write_text(json.dumps({"versions": info, "ratios": ratios, "results": results, "rounds": rounds,
+                                         "segments": segments}, indent=2))
 
 if __name__ == "__main__":
     main()
