@@ -28,7 +28,6 @@ from omegaconf import OmegaConf
 from benchlib import LoadWindow, Spread, verdict  # scripts/benchlib.py
 
 ALGOS = ("nll", "nll_kept", "alol")
-CHAIN = ("sft", "value", "advantage", "rl", "eval_ref", "eval")
 
 
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
@@ -47,6 +46,13 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
     value_dir = Path(runs["alol"]["stages"]["value"]["dir"])
     return {"runs": runs, "audit": json.loads((audit_dir / "audit.json").read_text()),
             "value": json.loads((value_dir / "report.json").read_text())}
+
+
+def built_seconds(runs: dict, stage: str) -> float:
+    """Seconds that built the A-LOL chain's `stage` artifact, in whichever job of the sweep built it."""
+    artifact = runs["alol"]["stages"][stage]["dir"]
+    return max(run["stages"][stage]["seconds"] for run in runs.values()
+               if run["stages"].get(stage, {}).get("dir") == artifact)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -77,14 +83,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lol-rl-bench-") as tmp, LoadWindow():
         results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
 
-    # per-stage seconds of the A-LOL chain (each stage is built once per seed; later jobs reuse it)
-    stage_seconds = {}
-    for stage in CHAIN:
-        stage_seconds[stage] = [
-            max(r["runs"][a]["stages"].get(stage, {}).get("seconds", 0.0) for a in (["alol"] if stage in ("rl", "eval") else ALGOS))
-            for r in results.values()
-        ]
-    chain_seconds = [sum(stage_seconds[s][i] for s in CHAIN) for i in range(len(args.seeds))]
+    # per-stage seconds of the A-LOL chain: each stage is built by whichever job of the seed's sweep
+    # came to it first (later jobs reuse it, 0 s), so a stage's time is that of its artifact dir
+    chain_stages = list(results[args.seeds[0]]["runs"]["alol"]["stages"])
+    stage_seconds = {stage: [built_seconds(r["runs"], stage) for r in results.values()] for stage in chain_stages}
+    chain_seconds = [sum(stage_seconds[s][i] for s in chain_stages) for i in range(len(args.seeds))]
     rewards = {"pi_ref": [r["runs"]["alol"]["eval"]["reference"]["reward"] for r in results.values()]}
     for algo in ALGOS:
         rewards[algo] = [r["runs"][algo]["eval"]["policy"]["reward"] for r in results.values()]
@@ -101,7 +104,7 @@ def main() -> None:
     print("\nwall seconds per stage (A-LOL chain)")
     print("| stage | " + " | ".join(f"seed {s}" for s in args.seeds) + " |")
     print("|---|" + "---|" * len(args.seeds))
-    for stage in CHAIN:
+    for stage in chain_stages:
         print(f"| {stage} | " + " | ".join(f"{v:.1f}" for v in stage_seconds[stage]) + " |")
     print("| whole chain | " + " | ".join(f"{v:.1f}" for v in chain_seconds) + " |")
     chain = Spread.of(chain_seconds)
