@@ -67,10 +67,13 @@ def describe(values: list[float | None]) -> str:
     return f"{m:.3f} +- {s:.3f}"
 
 
-def beats_by_two_std(ours: list[float], theirs: list[float]) -> bool:
-    """The gap of the means exceeds twice the larger of the two standard deviations."""
+def beats_by_two_std(ours: list[float], theirs: list[float]) -> str:
+    """'met' if the gap of the means exceeds twice the larger of the two standard deviations;
+    'inconclusive' with one seed, which has no standard deviation to exceed."""
+    if min(len(ours), len(theirs)) < 2:
+        return "inconclusive (one seed: no std)"
     (m1, s1), (m2, s2) = mean_std(ours), mean_std(theirs)
-    return m1 - m2 > 2 * max(s1, s2)
+    return "met" if m1 - m2 > 2 * max(s1, s2) else "missed"
 
 
 def main() -> None:
