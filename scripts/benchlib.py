@@ -108,7 +108,8 @@ class Workers:
     itself up (its one-off costs timed with no sibling busy), runs its warm-up, reports, then
     waits. `interleaved` then tells them in turn to run one segment of timed steps, so the
     contenders alternate A B A B ... while each keeps its own process (and its own peak
-    memory); a waiting worker blocks on its stdin and takes no CPU. `finish` collects each
+    memory); a waiting worker blocks on its stdin and takes no CPU (unless OMP_WAIT_POLICY=ACTIVE:
+    then its idle OpenMP threads spin; `run_once` starts a fresh process per run instead). `finish` collects each
     worker's closing report. A worker's stderr goes to a temp file, shown if it fails."""
 
     def __init__(self, argv: dict[str, list[str]], env: dict | None = None):
@@ -164,6 +165,18 @@ class Workers:
                 process.wait()
         for log in self.stderr.values():
             log.close()
+
+
+def run_once(args: list[str], env: dict | None = None) -> dict:
+    """A worker that reports once and exits (a fresh process per run): its last report. For
+    what a long-lived worker would distort, e.g. OMP_WAIT_POLICY=ACTIVE, whose idle threads keep
+    spinning a core while the worker waits its turn."""
+    done = subprocess.run(args, env=env, text=True, capture_output=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(PROTOCOL)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"bench worker {' '.join(args[1:3])} exited (status {done.returncode}) without a "
+                           f"report:\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len(PROTOCOL):])
 
 
 def report(payload: dict) -> None:
