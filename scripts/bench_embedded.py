@@ -16,32 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchlib import LoadWindow, Spread, verdict  # scripts/benchlib.py
+from benchlib import Spread, add_seed_arguments, mean_std, over_seeds, sweep_jobs, verdict  # scripts/benchlib.py
 
 ALGOS = ("nll", "nll_kept", "alol")
 
 
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
-    sweep = workdir / f"seed{seed}"
-    cmd = ["lol-rl", "train", "-m", f"algo={','.join(ALGOS)}", f"seed={seed}", f"sft.seed={seed}",
-           f"value.seed={seed}", f"hydra.sweep.dir={sweep}", *extra]
-    env = {**os.environ, "LOL_RL_CACHE": str(workdir / "cache"), "CI": "true"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    runs = {}
-    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "eval.json").exists()):
-        algo = (job / ".hydra" / "overrides.yaml").read_text().split("algo=")[1].split()[0]
-        runs[algo] = {"eval": json.loads((job / "eval.json").read_text()),
-                      "stages": json.loads((job / "stages.json").read_text()),
-                      "threads": OmegaConf.load(job / "config.yaml").threads}
+    runs = {algo: {"eval": json.loads((job / "eval.json").read_text()),
+                   "stages": json.loads((job / "stages.json").read_text()),
+                   "threads": OmegaConf.load(job / "config.yaml").threads}
+            for algo, job in sweep_jobs(seed, ALGOS, workdir, extra).items()}
     audit_dir = Path(runs["alol"]["stages"]["advantage"]["dir"])
     value_dir = Path(runs["alol"]["stages"]["value"]["dir"])
     return {"runs": runs, "audit": json.loads((audit_dir / "audit.json").read_text()),
@@ -53,10 +42,6 @@ def built_seconds(runs: dict, stage: str) -> float:
     artifact = runs["alol"]["stages"][stage]["dir"]
     return max(run["stages"][stage]["seconds"] for run in runs.values()
                if run["stages"].get(stage, {}).get("dir") == artifact)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def describe(values: list[float | None]) -> str:
@@ -78,13 +63,9 @@ def beats_by_two_std(ours: list[float], theirs: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--json", type=Path, help="also write the figures as one JSON object here")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. task=toy_clean")
+    add_seed_arguments(parser, "task=toy_clean")
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-") as tmp, LoadWindow():
-        results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
+    results = over_seeds(run_seed, args.seeds, args.overrides, "lol-rl-bench-")
 
     # per-stage seconds of the A-LOL chain: each stage is built by whichever job of the seed's sweep
     # came to it first (later jobs reuse it, 0 s), so a stage's time is that of its artifact dir

@@ -18,32 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchlib import LoadWindow, Spread, ratios  # scripts/benchlib.py
+from benchlib import Spread, add_seed_arguments, mean_std, over_seeds, ratios, sweep_jobs  # scripts/benchlib.py
 
 ALGOS = ("alol", "ppo")
 
 
 def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
-    sweep = workdir / f"seed{seed}"
-    cmd = ["lol-rl", "train", "-m", f"algo={','.join(ALGOS)}", f"seed={seed}", f"sft.seed={seed}",
-           f"value.seed={seed}", f"hydra.sweep.dir={sweep}", *extra]
-    env = {**os.environ, "LOL_RL_CACHE": str(workdir / "cache"), "CI": "true"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     runs = {}
-    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "eval.json").exists()):
+    for algo, job in sweep_jobs(seed, ALGOS, workdir, extra).items():
         config = OmegaConf.load(job / "config.yaml")
         stages = json.loads((job / "stages.json").read_text())
         summary = json.loads((Path(stages["rl"]["dir"]) / "summary.json").read_text())
-        runs[config.algo.name] = {
+        runs[algo] = {
             "eval": json.loads((job / "eval.json").read_text()),
             "rl_seconds": stages["rl"]["seconds"],
             "sequences": summary["steps"] * config.rl.batch_size,
@@ -53,20 +45,15 @@ def run_seed(seed: int, workdir: Path, extra: list[str]) -> dict:
     return runs
 
 
-def mean_std(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+def describe(values: list[float]) -> str:
+    return "{:.3f} +- {:.3f}".format(*mean_std(values))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--json", type=Path, help="also write the figures as one JSON object here")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. algo.params.step_multiple=1.0")
+    add_seed_arguments(parser, "algo.params.step_multiple=1.0")
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory(prefix="lol-rl-bench-ppo-") as tmp, LoadWindow():
-        results = {seed: run_seed(seed, Path(tmp), args.overrides) for seed in args.seeds}
+    results = over_seeds(run_seed, args.seeds, args.overrides, "lol-rl-bench-ppo-")
 
     rows = {"pi_ref": [r["alol"]["eval"]["reference"] for r in results.values()]}
     rows.update({algo: [r[algo]["eval"]["policy"] for r in results.values()] for algo in ALGOS})
@@ -77,10 +64,10 @@ def main() -> None:
     print("| policy | reward | " + " | ".join(components) + " | length | distinct-1 | distinct-2 | distinct-3 |")
     print("|---|---|" + "---|" * (len(components) + 4))
     for name, metrics in rows.items():
-        cells = [mean_std([m["reward"] for m in metrics]),
+        cells = [describe([m["reward"] for m in metrics]),
                  *(f"{statistics.mean(m['rewards'][c] for m in metrics):.3f}" for c in components),
-                 mean_std([m["length"] for m in metrics]),
-                 *(mean_std([m["distinct"][n] for m in metrics]) for n in range(3))]
+                 describe([m["length"] for m in metrics]),
+                 *(describe([m["distinct"][n] for m in metrics]) for n in range(3))]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
     print("\nrl stage wall time")

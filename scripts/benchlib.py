@@ -20,11 +20,13 @@ import json
 import os
 import statistics
 import subprocess
+import argparse
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 PROTOCOL = "BENCH "  # a worker's lines to the parent start with this; anything else it prints is passed over
 
@@ -43,6 +45,11 @@ class Spread:
 
     def format(self, digits: int = 3) -> str:
         return f"{self.mean:.{digits}f} ({self.low:.{digits}f}..{self.high:.{digits}f})"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def verdict(spread: Spread, target: float, at_most: bool) -> str:
@@ -234,3 +241,41 @@ def threads_used(segments: dict[str, Sequence[dict]]) -> str:
     """The worker thread counts, as reported from inside the workers ('2', or '1/2' if they differ)."""
     counts = sorted({s["threads"] for per in segments.values() for s in per})
     return "/".join(str(c) for c in counts)
+
+
+# ---- whole `lol-rl train` chains, one sweep per seed ----
+
+def sweep_jobs(seed: int, algos: Sequence[str], workdir: Path, overrides: Sequence[str]) -> dict[str, Path]:
+    """Runs `lol-rl train -m algo=a,b,...` with seed, sft.seed and value.seed set to `seed` (so the
+    whole chain, pi_ref included, varies with it) and its cache in `workdir` (empty on the first
+    seed); returns each algorithm's job dir. The jobs run one after another and share the cached
+    stages: a stage's time is in the job that built it."""
+    from omegaconf import OmegaConf
+
+    sweep = workdir / f"seed{seed}"
+    cmd = ["lol-rl", "train", "-m", f"algo={','.join(algos)}", f"seed={seed}", f"sft.seed={seed}",
+           f"value.seed={seed}", f"hydra.sweep.dir={sweep}", *overrides]
+    env = {**os.environ, "LOL_RL_CACHE": str(workdir / "cache"), "CI": "true"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    jobs = {OmegaConf.load(job / "config.yaml").algo.name: job
+            for job in sorted(sweep.iterdir()) if (job / "eval.json").exists()}
+    missing = [algo for algo in algos if algo not in jobs]
+    if missing:
+        raise RuntimeError(f"sweep {sweep}: no finished job (eval.json) for {', '.join(missing)}")
+    return jobs
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser, overrides_example: str) -> None:
+    """--seeds, --json and the Hydra overrides of a script that runs one sweep per seed."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="one sweep each (end the list with -- when Hydra overrides follow)")
+    parser.add_argument("--json", type=Path, help="also write the figures as one JSON object here")
+    parser.add_argument("overrides", nargs="*", help=f"extra Hydra overrides, e.g. {overrides_example}")
+
+
+def over_seeds(run_seed: Callable[[int, Path, list[str]], dict], seeds: Sequence[int], overrides: list[str],
+               prefix: str) -> dict[int, dict]:
+    """run_seed(seed, workdir, overrides) for each seed in turn (each seed one repeat), all in one
+    temporary workdir whose cache starts empty, with the load average printed before and after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, LoadWindow():
+        return {seed: run_seed(seed, Path(tmp), overrides) for seed in seeds}
