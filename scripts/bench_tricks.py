@@ -129,10 +129,7 @@ def measure(row: str, overrides: list[str], steps: int, warmup: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        run_step()
-    benchlib.report({"cache_seconds": cache_seconds})
-    benchlib.serve(steps, run_step)
+    benchlib.serve(steps, run_step, warmup=warmup, ready={"cache_seconds": cache_seconds})
     benchlib.report({"row": row, "cache_seconds": cache_seconds, "peak_bytes": peak_memory(device),
                      "device": device.type, "parameters": sum(p.numel() for p in policy.parameters()),
                      "batch_size": cfg.rl.batch_size})
@@ -179,10 +176,7 @@ def measure_vocab(vocab: str, path: str, steps: int, warmup: int, batch: int = 8
         optimizer.step()
         losses.append(loss.item())
 
-    for _ in range(warmup):
-        run_step()
-    benchlib.report({"resident_bytes": resident})
-    benchlib.serve(steps, run_step)
+    benchlib.serve(steps, run_step, warmup=warmup, ready={"resident_bytes": resident})
     # the loss of the first step (before any update), the same on both paths if they agree
     benchlib.report({"vocab": vocab, "path": path, "peak_bytes": peak_memory(device), "resident_bytes": resident,
                      "loss": losses[0], "batch": batch, "prompt": prompt, "response": response,

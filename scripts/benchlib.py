@@ -217,11 +217,17 @@ class SegmentClock:
         return [b - a for a, b in zip(self.ends, self.ends[1:])]
 
 
-def serve(steps_per_segment: int, run_step: Callable[[], None], extra: Callable[[], dict] | None = None) -> None:
-    """In a worker whose steps it drives itself: one segment of `steps_per_segment` steps each
+def serve(steps_per_segment: int, run_step: Callable[[], None], extra: Callable[[], dict] | None = None, *,
+          warmup: int = 0, ready: dict | None = None) -> None:
+    """In a worker whose steps it drives itself: `warmup` untimed steps, then its set-up report
+    `ready` (if given: what Workers waits for), then one segment of `steps_per_segment` steps each
     time the parent says go, reporting their step times and the thread count in use."""
     import torch
 
+    for _ in range(warmup):
+        run_step()
+    if ready is not None:
+        report(ready)
     clock = SegmentClock()
     while wait_for_go():
         clock.start()
