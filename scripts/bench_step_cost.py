@@ -24,10 +24,10 @@ import os
 import time
 from pathlib import Path
 
+from benchlib import LoadWindow, Spread, interleaved, mean_step_seconds, ratios, verdict  # scripts/; before torch
+
 import torch
 from hydra import compose, initialize_config_dir
-
-from benchlib import LoadWindow, Spread, interleaved, mean_step_seconds, ratios, verdict  # scripts/
 
 from lol_rl.stages.reference import reference_logprobs, train_rewards
 from lol_rl.algorithms import algorithm, split_threshold

@@ -39,6 +39,8 @@ import json
 import sys
 import time
 
+import benchlib  # scripts/benchlib.py; before torch (lol_rl's OpenMP wait policy)
+
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -51,7 +53,6 @@ from lol_rl.logprobs import response_logprobs, to_device
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy, load_base, reference_policy, resolve_device
 from lol_rl.tasks import build_task
-import benchlib  # scripts/benchlib.py
 from peak_memory import peak_memory, reset_peak_memory  # scripts/peak_memory.py
 
 ROWS = {

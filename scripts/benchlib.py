@@ -11,7 +11,9 @@ whose cores other jobs share:
 - a target is "met" only when the whole spread meets it, "missed" when none of it does, and
   "inconclusive" when the spread crosses it;
 - the load average is printed before and after, and the thread count is the one the worker
-  used (torch.get_num_threads() inside it), not the parent's.
+  used (torch.get_num_threads() inside it), not the parent's;
+- a script imports benchlib before torch, so that its steps run under lol_rl's OpenMP wait
+  policy (see the import below).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+# Before anything loads torch: lol_rl sets OMP_WAIT_POLICY=PASSIVE (unless the environment sets it),
+# which OpenMP reads only when torch loads it, so a script that imports benchlib first times its
+# steps under the wait policy `lol-rl train` runs with.
+import lol_rl  # noqa: F401
 
 PROTOCOL = "BENCH "  # a worker's lines to the parent start with this; anything else it prints is passed over
 
