@@ -62,10 +62,10 @@ from collections import defaultdict
 from importlib.metadata import version
 from pathlib import Path
 
+import benchlib  # first: it imports lol_rl, whose OpenMP wait policy must be set before torch loads OpenMP
 import torch
 from transformers import get_scheduler
 
-import benchlib  # scripts/ is on sys.path when this runs as a script
 from bench_step_cost import algo_config
 from bench_tricks import peak_memory, reset_peak_memory
 from lol_rl.stages.reference import reference_logprobs, train_rewards
