@@ -22,13 +22,20 @@ from .models import autocast, make_optimizer
 from .tracking import StageRecords
 
 
+def ragged_index(offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Positions in the flat tensor of rows `indices` of a ragged tensor (`offsets` (N+1,)),
+    row after row: `flat[ragged_index(offsets, rows)]` is those rows concatenated."""
+    starts, lengths = offsets[indices], offsets[indices + 1] - offsets[indices]
+    before = lengths.cumsum(0) - lengths  # where each row begins in the concatenation
+    return torch.repeat_interleave(starts - before, lengths) + torch.arange(int(lengths.sum()))
+
+
 def ragged_rows(flat: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Rows `indices` of a ragged tensor stored as `flat` + `offsets` (N+1,), right-padded
     with 0 to `width` (default: the longest of them)."""
     lengths = offsets[indices + 1] - offsets[indices]
     out = torch.zeros((len(indices), width or int(lengths.max())), dtype=flat.dtype)
-    for row, (start, length) in enumerate(zip(offsets[indices].tolist(), lengths.tolist())):
-        out[row, :length] = flat[start : start + length]
+    out[torch.arange(out.shape[1]) < lengths[:, None]] = flat[ragged_index(offsets, indices)]
     return out
 
 

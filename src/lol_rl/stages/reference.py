@@ -24,6 +24,7 @@ from .. import artifacts, distributed
 from ..data import MISMATCHED, RANKING, REJECTED, RESPONSE, cut_counts, encode_rows
 from ..logprobs import response_logprobs, to_device
 from ..models import load_policy
+from ..offline import ragged_index
 from ..scoring import score_in_batches
 from ..tasks import Task, data_reward
 from . import Stage, StageRun
@@ -56,22 +57,24 @@ def reference_logprobs(model, rows, batch_size: int, device, group: str = RESPON
     """Per-token log pi_ref(y_i | x, y_<i) of one response group of every row, ragged:
     flat (sum of lengths,) + offsets (N+1,). `sharded`: each process runs its share of the batches."""
     responses = rows.group(group)
-    # length-sorted batches pad little; pieces go back to row order
+    # length-sorted batches pad little; each batch's values go to their rows' places in one flat tensor
     order = sorted(range(len(rows)), key=lambda i: len(rows.prompt_ids[i]) + len(responses[i]))
     chunks = [order[start : start + batch_size] for start in range(0, len(rows), batch_size)]
 
     @torch.no_grad()
-    def batch_logprobs(chunk: list[int]) -> list[torch.Tensor]:
+    def batch_logprobs(chunk: list[int]) -> torch.Tensor:
+        # one tensor per batch, its rows one after another: a small tensor per row, thousands of
+        # them between the forwards' freed buffers, kept ~200 MiB of heap from being reused
         logprobs, mask = response_logprobs(model, to_device(rows.batch(chunk, [group]), device))
-        return [lp[m].float().cpu() for lp, m in zip(logprobs, mask)]
+        return logprobs[mask].float().cpu()
 
-    pieces: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-    for chunk, batch in zip(chunks, distributed.map_batches(batch_logprobs, chunks, f"reference log-probs of {group}",
-                                                            sharded=sharded)):
-        for i, piece in zip(chunk, batch):
-            pieces[i] = piece
-    lengths = torch.tensor([len(p) for p in pieces])
-    return torch.cat(pieces), torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    lengths = torch.tensor([len(r) for r in responses])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    flat = torch.empty(int(offsets[-1]))
+    for chunk, values in zip(chunks, distributed.map_batches(batch_logprobs, chunks, f"reference log-probs of {group}",
+                                                             sharded=sharded)):
+        flat[ragged_index(offsets, torch.tensor(chunk))] = values
+    return flat, offsets
 
 
 def group_logprobs(model, rows, batch_size: int, device, groups) -> dict[str, torch.Tensor]:
