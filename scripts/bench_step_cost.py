@@ -37,6 +37,7 @@ from lol_rl.data import MISMATCHED, encode_rows
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy
 from lol_rl.tasks import build_task
+from lol_rl.logprobs import shares_prompts
 from lol_rl.offline import BatchSource, loss_on_batch
 
 ALGOS = ["nll", "wbc", "gold", "rlol", "alol", "alol_ref_free", "alol_seq", "alol_kl", "dpo", "dpo_ref_free", "pro",
@@ -84,7 +85,7 @@ def main() -> None:
         groups = rows.expand(algo.groups)
         # the same rows every step: a shuffled pass over exactly one batch
         source = BatchSource(rows, row_tensors, {g: ragged[g] for g in groups}, fixed_rows, None, len(fixed_rows),
-                             seed=0, groups=groups, shuffle=True)
+                             seed=0, groups=groups, shuffle=True, share_prompt=cfg.rl.share_prompt and shares_prompts(model))
         params = dict(algo.params)
         if "threshold" in params:  # a null one resolved from the train rewards, as the rl stage does
             params["threshold"] = split_threshold(name, rewards, params["threshold"])

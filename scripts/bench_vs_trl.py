@@ -10,8 +10,11 @@ Table 1, DPO: TRL's DPOTrainer as TRL runs it by default (a second model copy co
 reference log-probs every step), TRL with `precompute_ref_log_probs=True`, TRL with that and the
 Trainer's length-grouped sampler (`train_sampling_strategy="group_by_length"`, given a length
 column: TRL's nearest to length buckets), and lol-rl's `dpo` (reference log-probs cached once,
-as the advantage stage caches them) with `rl.length_buckets` 1 and 8. Target: lol-rl DPO (k=8)
->= 1.5x the samples/s of TRL's default DPO; the ratios to the other TRL rows are printed too.
+as the advantage stage caches them) with `rl.length_buckets` 1 and 8, each pair one sequence with
+its prompt once (`rl.share_prompt`, the default), and at k=8 with a row per response too (the
+layout TRL's concatenated forward uses). Target: lol-rl DPO (k=8, shared prompt) >= 1.5x the
+pairs/s of TRL with precompute + group_by_length (issue 19: TRL as an expert runs it); the ratios
+to the other TRL rows are printed too.
 Table 2, single-response steps: lol-rl `nll`, lol-rl `alol` (cached reference log-probs) and
 TRL's SFTTrainer on the chosen responses (prompt-completion data: loss on the completion only,
 TRL's default for that format). Target: A-LOL's step <= 1.05x NLL's.
@@ -71,7 +74,7 @@ from bench_tricks import peak_memory, reset_peak_memory
 from lol_rl.stages.reference import reference_logprobs, train_rewards
 from lol_rl.algorithms import algorithm
 from lol_rl.data import encode_rows
-from lol_rl.logprobs import to_device
+from lol_rl.logprobs import shares_prompts, to_device
 from lol_rl.losses import LOSSES
 from lol_rl.models import initial_policy, load_policy, make_optimizer, save_reference
 from lol_rl.tasks import build_task
@@ -83,8 +86,9 @@ DPO_ROWS = {
     "trl_dpo": "TRL DPOTrainer, reference: a second model copy each step (TRL's default)",
     "trl_dpo_precompute": "TRL DPOTrainer, precompute_ref_log_probs=True",
     "trl_dpo_grouped": "TRL DPOTrainer, precompute_ref_log_probs=True, train_sampling_strategy=group_by_length",
-    "lolrl_dpo_k1": "lol-rl dpo, cached reference log-probs, length_buckets=1",
-    "lolrl_dpo_k8": "lol-rl dpo, cached reference log-probs, length_buckets=8",
+    "lolrl_dpo_k1": "lol-rl dpo, cached reference log-probs, length_buckets=1, prompt shared (rl.share_prompt)",
+    "lolrl_dpo_k8_separate": "lol-rl dpo, cached reference log-probs, length_buckets=8, a row per response",
+    "lolrl_dpo_k8": "lol-rl dpo, cached reference log-probs, length_buckets=8, prompt shared (rl.share_prompt)",
 }
 STEP_ROWS = {
     "lolrl_nll": "lol-rl nll",
@@ -155,7 +159,8 @@ def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmu
     row_tensors = {"advantages": rewards - rewards.mean()}  # V(x) = the mean: the values do not change the cost
     # shuffled passes over every row for each algorithm, so nll and alol see the same batches
     source = BatchSource(rows, row_tensors, ragged, torch.arange(len(rows)), None, cfg.rl.batch_size, seed=0,
-                         groups=groups, shuffle=True, length_buckets=8 if name == "lolrl_dpo_k8" else 1)
+                         groups=groups, shuffle=True, length_buckets=1 if name == "lolrl_dpo_k1" else 8,
+                         share_prompt=name != "lolrl_dpo_k8_separate" and cfg.rl.share_prompt and shares_prompts(model))
     optimizer = make_optimizer(model, cfg.rl)
     scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
                               num_training_steps=warmup + repeats * steps)
@@ -323,8 +328,11 @@ def print_tables(results: dict, rounds: dict[str, list[float]], info: dict, args
     ratios = {"lolrl_dpo_k8_over_trl_dpo": speed_up("lolrl_dpo_k8", "trl_dpo"),
               "lolrl_dpo_k8_over_trl_dpo_precompute": speed_up("lolrl_dpo_k8", "trl_dpo_precompute"),
               "lolrl_dpo_k8_over_trl_dpo_grouped": speed_up("lolrl_dpo_k8", "trl_dpo_grouped"),
-              "alol_over_nll_step": benchlib.ratios(rounds["lolrl_alol"], rounds["lolrl_nll"])}
+              "alol_over_nll_step": benchlib.ratios(rounds["lolrl_alol"], rounds["lolrl_nll"]),
+              "dpo_shared_over_separate": speed_up("lolrl_dpo_k8", "lolrl_dpo_k8_separate")}
     print()
+    print(f"lol-rl DPO (k=8), prompt shared / a row per response, pairs/s: "
+          f"{ratios['dpo_shared_over_separate'].format(2)}x")
     for key, label in [("lolrl_dpo_k8_over_trl_dpo", "lol-rl DPO (k=8) / TRL DPO (default) pairs/s"),
                        ("lolrl_dpo_k8_over_trl_dpo_precompute", "lol-rl DPO (k=8) / TRL DPO (precompute) pairs/s"),
                        ("lolrl_dpo_k8_over_trl_dpo_grouped",

@@ -88,6 +88,7 @@ class RLConfig(OptimConfig):
     val_interval: int = ranged(**COUNT)
     validations_per_epoch: Optional[int] = ranged(**COUNT)
     val_prompts: int = ranged(**COUNT)
+    share_prompt: bool = MISSING  # a pair's / ranking's responses after one copy of the prompt (offline.BatchSource)
 
 
 @dataclass

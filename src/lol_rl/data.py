@@ -18,7 +18,7 @@ from functools import cached_property
 
 import torch
 
-from .logprobs import pad_batch
+from .logprobs import pad_batch, shared_prompt_batch
 from .tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,12 @@ class TokenizedRows:
         prompts = [self.prompt_ids[i] for _ in groups for i in indices]
         responses = [self.group(g)[i] for g in groups for i in indices]
         return pad_batch(prompts, responses, self.pad_id)
+
+    def shared_prompt_batch(self, indices: Sequence[int], groups: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Rows `indices` as one sequence each: the prompt once, then each group's response
+        (logprobs.shared_prompt_batch); log-probs come out group-major as `batch`'s."""
+        return shared_prompt_batch([self.prompt_ids[i] for i in indices],
+                                   [[self.group(g)[i] for i in indices] for g in groups], self.pad_id)
 
 
 def tensor_prefix(group: str) -> str:

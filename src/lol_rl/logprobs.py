@@ -37,6 +37,62 @@ def pad_batch(
     }
 
 
+PROMPT_SEGMENT, PAD_SEGMENT = -1, -2  # shared_prompt_batch's segment ids besides a response's index
+
+
+def shared_prompt_batch(prompts: Sequence[Sequence[int]], groups: Sequence[Sequence[Sequence[int]]],
+                        pad_id: int) -> dict[str, torch.Tensor]:
+    """Each row's prompt once, then each of its G responses (`groups[g][i]`): a pair or a
+    ranking shares one forward and backward of its prompt instead of repeating it per response.
+
+    Returns input_ids (B, T), a boolean attention_mask (B, 1, T, T) under which a response token
+    sees the prompt and the earlier tokens of its own response only, the position_ids each token
+    has in its own prompt + response sequence, response_lengths (G*B,) group-major as
+    `pad_batch` over the groups, and for each response token (B, G, R) the position whose
+    output predicts it (`predicted_at`: the prompt's last token for a response's first) and its
+    id (`targets`). The log-probs equal those of separate prompt + response rows up to float
+    rounding (the attention reductions run over other shapes)."""
+    n_groups, n_rows = len(groups), len(prompts)
+    if any(len(g) != n_rows for g in groups):
+        raise ValueError(f"every response group needs one response per prompt ({n_rows})")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("shared_prompt_batch: a prompt is empty; its responses' first tokens would have no predictor")
+    response_lengths = torch.tensor([len(g[i]) for g in groups for i in range(n_rows)], dtype=torch.long)
+    width = max(len(p) + sum(len(g[i]) for g in groups) for i, p in enumerate(prompts))
+    longest = int(response_lengths.max())
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    segment = torch.full((n_rows, width), PAD_SEGMENT, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    predicted_at = torch.zeros((n_rows, n_groups, longest), dtype=torch.long)
+    targets = torch.full((n_rows, n_groups, longest), pad_id, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        start = len(prompt)
+        input_ids[i, :start] = torch.tensor(list(prompt))
+        segment[i, :start] = PROMPT_SEGMENT
+        positions[i, :start] = torch.arange(start)
+        for g, group in enumerate(groups):
+            response, end = group[i], start + len(group[i])
+            input_ids[i, start:end] = torch.tensor(list(response), dtype=torch.long)
+            segment[i, start:end] = g
+            positions[i, start:end] = torch.arange(len(prompt), len(prompt) + len(response))
+            # token k of the response is predicted at token k-1's position, its first at the prompt's last
+            if response:
+                predicted_at[i, g, : len(response)] = torch.tensor([len(prompt) - 1, *range(start, end - 1)])
+                targets[i, g, : len(response)] = input_ids[i, start:end]
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    key, query = segment[:, None, :], segment[:, :, None]
+    visible = causal & ((key == PROMPT_SEGMENT) | (key == query))  # a padding token sees earlier padding: no empty row
+    return {"input_ids": input_ids, "attention_mask": visible[:, None], "position_ids": positions,
+            "response_lengths": response_lengths, "predicted_at": predicted_at, "targets": targets}
+
+
+def shares_prompts(model) -> bool:
+    """Whether the model takes shared_prompt_batch's boolean 4D mask as it is: transformers'
+    SDPA attention does; eager attention adds a mask to its scores, flash attention takes none."""
+    return getattr(_unwrapped(model).config, "_attn_implementation", None) == "sdpa"
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so padded and unpadded rows see the same positions."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -168,6 +224,13 @@ def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     Returns (logprobs, mask), both (B, R) with R the longest response; padded entries of
     `logprobs` are 0 and `mask` is False there.
     """
+    if "predicted_at" in batch:  # a shared_prompt_batch: (B, G, R) response tokens -> (G*B, R), group-major
+        rows, n_groups, width = batch["predicted_at"].shape
+        logits, _ = response_logits(model, batch, batch["predicted_at"].reshape(rows, n_groups * width))
+        logprobs = selective_logprobs(logits, batch["targets"].reshape(rows, n_groups * width))
+        logprobs = logprobs.reshape(rows, n_groups, width).transpose(0, 1).reshape(n_groups * rows, width)
+        mask = response_mask(batch["response_lengths"])
+        return logprobs.masked_fill(~mask, 0.0), mask
     positions, targets, mask = response_positions(batch)
     logits, _ = response_logits(model, batch, positions)
     logprobs = selective_logprobs(logits, targets)
@@ -184,7 +247,8 @@ def response_logits(model, batch: dict[str, torch.Tensor], positions: torch.Tens
     lean_head = _unwrapped(model).config.vocab_size >= LEAN_HEAD_MIN_VOCAB
     with head_at(model, positions) if lean_head else contextlib.nullcontext() as gathered:
         out = model(input_ids=batch["input_ids"], attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask), use_cache=False, **kwargs)
+                    position_ids=batch["position_ids"] if "position_ids" in batch else position_ids(attention_mask),
+                    use_cache=False, **kwargs)
     return (out.logits if gathered else gather_positions(out.logits, positions)), out
 
 

@@ -51,7 +51,7 @@ class BatchSource:
 
     def __init__(self, rows: TokenizedRows, row_tensors: dict[str, torch.Tensor], ragged: dict, keep: torch.Tensor,
                  weights: torch.Tensor | None, batch_size: int, seed: int, groups: Sequence[str] = (RESPONSE,),
-                 shuffle: bool = False, length_buckets: int = 1):
+                 shuffle: bool = False, length_buckets: int = 1, share_prompt: bool = False):
         if len(keep) == 0:
             raise ValueError("no train row left to train on (every row was dropped: A <= 0 for all of them)")
         self.rows, self.row_tensors, self.ragged = rows, row_tensors, ragged
@@ -65,9 +65,11 @@ class BatchSource:
         self.generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
         self.length_buckets = length_buckets
+        self.share_prompt = share_prompt and len(self.groups) > 1
         self._pending: list[torch.Tensor] = []
-        if length_buckets > 1:  # a row's padded width: its prompt plus its longest response group
-            self.lengths = torch.tensor([len(rows.prompt_ids[i]) + max(len(rows.group(g)[i]) for g in self.groups)
+        if length_buckets > 1:  # a row's padded width: its prompt plus its longest response (or all of them, shared)
+            longest = sum if self.share_prompt else max
+            self.lengths = torch.tensor([len(rows.prompt_ids[i]) + longest(len(rows.group(g)[i]) for g in self.groups)
                                          for i in range(len(rows))])
 
     def _draw(self) -> torch.Tensor:
@@ -107,7 +109,7 @@ class BatchSource:
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """The padded batch of rows `indices`: every response group of each row (a pair or a
         ranking stays together), their cached reference log-probs, the per-row tensors."""
-        batch = self.rows.batch(indices.tolist(), self.groups)
+        batch = (self.rows.shared_prompt_batch if self.share_prompt else self.rows.batch)(indices.tolist(), self.groups)
         if self.ragged:
             width = int(batch["response_lengths"].max())
             batch["ref_logprobs"] = torch.cat([ragged_rows(*self.ragged[g], indices, width) for g in self.groups])
@@ -125,7 +127,8 @@ def call_loss(loss_fn: Callable, params: dict, tensors: dict[str, torch.Tensor])
     return loss_fn(**{name: tensors[name] for name in wanted}, **params)
 
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_start", "response_lengths", "ref_logprobs")
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "response_start", "response_lengths", "ref_logprobs", "position_ids",
+                 "predicted_at", "targets")
 
 
 def loss_on_batch(model, batch: dict[str, torch.Tensor], groups: Sequence[str], loss_fn: Callable, params: dict):

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from .. import artifacts, distributed
 from ..algorithms import algorithm, split_threshold
 from ..data import cut_counts, encode_rows
+from ..logprobs import shares_prompts
 from ..loop import Validation, best_policy_saver, recover_swap, remove_checkpoint
 from ..losses import LOSSES
 from ..models import add_adapter, load_policy
@@ -73,7 +74,8 @@ def run_offline(stage: StageRun) -> None:
     log.info("rl: %s on %d of %d train rows (kept fraction %.3f), sampling %s, responses %s",
              algo.name, len(keep), len(rows), len(keep) / len(rows), algo.sampling, groups)
     source = BatchSource(rows, row_tensors, ragged, keep, weights, cfg.rl.batch_size, cfg.seed, groups=groups,
-                         shuffle=algo.sampling == "shuffle", length_buckets=cfg.rl.length_buckets)
+                         shuffle=algo.sampling == "shuffle", length_buckets=cfg.rl.length_buckets,
+                         share_prompt=cfg.rl.share_prompt and shares_prompts(model))
     save_best = best_policy_saver(model, tokenizer, stage.out, base_dir=stage.inputs["sft"])
     if distributed.is_main():
         recover_swap(stage.out / artifacts.POLICY)  # a kill between the two renames of a policy swap
