@@ -7,7 +7,7 @@ to NLL, on the same rows of the embedded task.
 
 Each step is the training loop's own: build the batch of the algorithm's response groups
 and its cached reference log-probs, one policy forward, the loss, backward, clip, AdamW.
-Algorithms are timed in interleaved rounds, A B A B ... (scripts/benchlib.py: drift in the
+Algorithms are timed in interleaved rounds, A B, B A, ... (scripts/benchlib.py: drift in the
 machine's load hits all of them alike); each round's figure is its mean step time, a ratio to
 NLL is taken per round, and every figure is printed as the mean over rounds (min..max). A
 target is met only if every round meets it ("inconclusive" when the spread crosses it).
@@ -53,7 +53,7 @@ def algo_config(name: str, overrides: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B A B ...)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (A B, B A, ...)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per algorithm per round")
     parser.add_argument("--algos", nargs="+", choices=ALGOS, default=ALGOS, help="these only (nll is always timed)")
     parser.add_argument("--json", type=Path, help="also write {algo: {mean, min, max} ratio to nll} here")

@@ -34,7 +34,7 @@ scheduler) minus its logging, validation and checkpoints, which TRL has off here
 Each contender runs in its own long-lived worker process of this script (`--only NAME`), so
 that its peak memory is its own (Linux). The workers are set up one after another (tokenizing,
 the one-off reference pass, `--warmup` steps), then wait; the parent tells them in turn to run
-one segment of `--steps` timed steps, A B C ... A B C ... for `--repeats` rounds
+one segment of `--steps` timed steps, A B C ..., then ... C B A, for `--repeats` rounds
 (scripts/benchlib.py), so that drift in the machine's load hits every row alike. A row's rate
 is its batch over its mean step time in each round (the steps of a segment, from the parent's
 go to the end of the last step: batching and data loading are in); every figure is the mean over
@@ -356,7 +356,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=32, help="timed optimizer steps per row per round")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (8: whole groups of 8 buckets)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over every row (A B C ... A B C ...)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over every row (A B C ..., ... C B A, ...)")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--only", choices=[*DPO_ROWS, *STEP_ROWS], help=argparse.SUPPRESS)  # one row: a worker
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)

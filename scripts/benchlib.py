@@ -1,7 +1,7 @@
 """The one harness every scripts/bench_*.py measures with, so that a ratio holds on a machine
 whose cores other jobs share:
 
-- contenders run interleaved, A B A B ..., for `repeats` rounds in one run of the script (in
+- contenders run interleaved, A B, B A, A B ..., for `repeats` rounds in one run of the script (in
   one process, or in one long-lived worker process per contender that runs a segment of steps
   each time it is told to, so that its peak memory is still its own; `Workers`);
 - a rate comes from the mean step time (total time over steps), never the median (step times
@@ -105,13 +105,19 @@ class LoadWindow:
         return {"load_before": self.before, "load_after": getattr(self, "after", load_average())}
 
 
+def round_order(names: Sequence[str], round_index: int) -> list[str]:
+    """Every contender once per round, the order reversed every other round (A B C, C B A, ...):
+    drift in the machine's load hits all of them alike, and no contender always runs first
+    (after the others' segments) or last."""
+    return list(names) if round_index % 2 == 0 else list(reversed(names))
+
+
 def interleaved(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Each round calls every contender once, in the given order (A B A B ...): drift in the
-    machine's load hits all of them alike. Returns each contender's value per round."""
+    """Each round calls every contender once (`round_order`). Returns each contender's value per round."""
     rounds: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, run in contenders.items():
-            rounds[name].append(run())
+    for index in range(repeats):
+        for name in round_order(list(contenders), index):
+            rounds[name].append(contenders[name]())
     return rounds
 
 
@@ -121,7 +127,7 @@ class Workers:
     """One worker process per contender (`argv[name]`), started one after another: each sets
     itself up (its one-off costs timed with no sibling busy), runs its warm-up, reports, then
     waits. `interleaved` then tells them in turn to run one segment of timed steps, so the
-    contenders alternate A B A B ... while each keeps its own process (and its own peak
+    contenders alternate A B, B A, ... while each keeps its own process (and its own peak
     memory); a waiting worker blocks on its stdin and takes no CPU (unless OMP_WAIT_POLICY=ACTIVE:
     then its idle OpenMP threads spin; `run_once` starts a fresh process per run instead). `finish` collects each
     worker's closing report. A worker's stderr goes to a temp file, shown if it fails."""
@@ -158,8 +164,8 @@ class Workers:
 
     def interleaved(self, repeats: int, order: Sequence[str] | None = None) -> dict[str, list[dict]]:
         segments: dict[str, list[dict]] = {name: [] for name in order or self.processes}
-        for _ in range(repeats):
-            for name in segments:
+        for index in range(repeats):
+            for name in round_order(list(segments), index):
                 segments[name].append(self.segment(name))
         return segments
 
