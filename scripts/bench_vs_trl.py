@@ -160,7 +160,7 @@ def run_lolrl(name: str, overrides: list[str], model_dir: str, steps: int, warmu
     # shuffled passes over every row for each algorithm, so nll and alol see the same batches
     source = BatchSource(rows, row_tensors, ragged, torch.arange(len(rows)), None, cfg.rl.batch_size, seed=0,
                          groups=groups, shuffle=True, length_buckets=1 if name == "lolrl_dpo_k1" else 8,
-                         share_prompt=name != "lolrl_dpo_k8_separate" and cfg.rl.share_prompt and shares_prompts(model))
+                         share_prompt=name != "lolrl_dpo_k8_separate" and shares_prompts(model))
     optimizer = make_optimizer(model, cfg.rl)
     scheduler = get_scheduler(cfg.rl.schedule, optimizer, num_warmup_steps=cfg.rl.warmup_steps,
                               num_training_steps=warmup + repeats * steps)
