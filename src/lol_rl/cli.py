@@ -179,7 +179,12 @@ def main() -> None:
         raise SystemExit(2) from None
     if command in ("train", "audit"):
         share_output_dirs()
-    _hydra_app(*APPS[command])()
+    from . import distributed
+
+    try:
+        _hydra_app(*APPS[command])()
+    finally:
+        distributed.shutdown()
 
 
 def share_output_dirs() -> None:

@@ -55,6 +55,14 @@ def _state():
     return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
 
 
+def shutdown() -> None:
+    """Destroy the process group before the interpreter exits: left to its teardown, gloo's
+    threads can abort a process that finished its work ('terminate called without an active
+    exception', exit status -6), which fails the whole launch."""
+    if launched() and torch.distributed.is_initialized():
+        _state().destroy_process_group()
+
+
 def launched() -> bool:
     """Started by a multi-process launcher (accelerate launch, torchrun): it sets WORLD_SIZE."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
